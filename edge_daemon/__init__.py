@@ -1,0 +1,1 @@
+"""Edge daemon: the inspection service between cameras and PLC/HMI subscribers."""

@@ -1,0 +1,1 @@
+"""Engines: a model bundle turned into something that runs (ONNX Runtime, PyTorch, TensorRT)."""

@@ -1,0 +1,1 @@
+"""Trainer: unsupervised anomaly-detection models trained on good parts, evaluated and exported."""
