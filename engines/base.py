@@ -20,7 +20,8 @@ import numpy as np
 
 from .bundle import BundleMeta
 
-__all__ = ["Engine", "InferHandle", "EngineError", "EngineInputError", "BackendUnavailable"]
+__all__ = ["Engine", "InferHandle", "EngineError", "EngineInputError", "BackendUnavailable", "batch_buckets",
+           "bucket_for", "check_tiles", "check_slot", "SlotPool"]
 
 
 class EngineError(RuntimeError):
@@ -66,3 +67,72 @@ class Engine(Protocol):
     def warmup(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+# --- shared helpers for backends (pure functions; added with the backends, contract above unchanged) ---
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes an engine prepares for: powers of two below max_batch, then max_batch itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    buckets, size = [], 1
+    while size < max_batch:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_batch)
+    return tuple(buckets)
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``batch`` tiles (a batch is padded up to it)."""
+    for size in buckets:
+        if batch <= size:
+            return size
+    raise EngineInputError(f"batch of {batch} tiles is larger than the largest bucket {buckets[-1]}")
+
+
+def check_tiles(tiles, input_shape: tuple[int, int, int], max_batch: int) -> int:
+    """Validate a batch of tiles (NumPy or torch) and return its batch size; EngineInputError otherwise."""
+    dtype = getattr(tiles, "dtype", None)
+    if dtype is None or str(dtype) not in ("uint8", "torch.uint8"):
+        got = dtype if dtype is not None else type(tiles).__name__
+        raise EngineInputError(f"tiles must be uint8, got {got}")
+    shape = tuple(tiles.shape)
+    if len(shape) != 4 or shape[1:] != tuple(input_shape):
+        raise EngineInputError(f"tiles must be B x {' x '.join(map(str, input_shape))} (B x H x W x C), "
+                               f"got {' x '.join(map(str, shape)) or 'a scalar'}")
+    if not 1 <= shape[0] <= max_batch:
+        raise EngineInputError(f"batch of {shape[0]} tiles is outside 1..max_batch={max_batch}")
+    return shape[0]
+
+
+def check_slot(slot: int, streams: int) -> None:
+    if not 0 <= slot < streams:
+        raise EngineInputError(f"slot {slot} is outside 0..{streams - 1} (the engine has {streams} streams)")
+
+
+class SlotPool:
+    """One single-worker thread per slot: ``submit`` returns a Future; a busy slot is waited for first."""
+
+    def __init__(self, streams: int, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.streams = streams
+        self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-slot{i}")
+                       for i in range(streams)]
+        self._inflight: list = [None] * streams
+
+    def submit(self, slot: int, fn, *args):
+        from concurrent.futures import wait
+
+        check_slot(slot, self.streams)
+        previous = self._inflight[slot]
+        if previous is not None:
+            wait([previous])  # a slot holds one batch in flight
+        future = self._pools[slot].submit(fn, *args)
+        self._inflight[slot] = future
+        return future
+
+    def shutdown(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True)

@@ -1,0 +1,122 @@
+"""ONNX Runtime backend (CPU): runs model.onnx, which already holds pre- and post-processing.
+
+One InferenceSession (graph optimisation ALL, sequential execution, intra-op threads = configured or the
+machine's cores, inter-op 1). Each call binds the caller's tiles and a *new* output array with IO binding, so
+ORT reads the tiles in place and writes the map straight into the array the caller receives (no extra copy).
+``submit`` runs on one single-worker executor per slot; handles are concurrent.futures.Future.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from .base import BackendUnavailable, EngineError, EngineInputError, SlotPool, batch_buckets, check_tiles
+from .bundle import ONNX_FILE, BundleMeta
+
+__all__ = ["OrtEngine", "open_backend", "session_options"]
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(f"onnxruntime is not installed: {exc}") from exc
+    return onnxruntime
+
+
+def session_options(threads: int | None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+class OrtEngine:
+    backend = "onnxruntime"
+    device = "cpu"
+    precision = "fp32"
+
+    def __init__(self, onnx_path: Path, meta: BundleMeta, streams: int = 2, max_batch: int = 16,
+                 threads: int | None = None):
+        ort = _ort()
+        self.meta, self.streams, self.max_batch = meta, streams, max_batch
+        self.threads = threads or os.cpu_count() or 1
+        try:
+            self._session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            raise EngineError(f"onnxruntime could not load {onnx_path}: {exc}") from exc
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        self._slots = SlotPool(streams, "ort")
+        self._closed = False
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return (self.meta.map.height, self.meta.map.width)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("engine is closed")
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
+        ort = _ort()
+        tiles = np.ascontiguousarray(tiles)
+        out = np.empty((tiles.shape[0], 1, *self.map_shape), dtype=np.float32)  # new per call: caller owns it
+        binding = self._session.io_binding()
+        binding.bind_ortvalue_input(self._input, ort.OrtValue.ortvalue_from_numpy(tiles))
+        binding.bind_ortvalue_output(self._output, ort.OrtValue.ortvalue_from_numpy(out))
+        self._session.run_with_iobinding(binding)
+        return out
+
+    def infer(self, tiles):
+        self._check_open()
+        if not isinstance(tiles, np.ndarray):
+            raise EngineInputError(f"the onnxruntime backend takes NumPy tiles, got {type(tiles).__name__}")
+        check_tiles(tiles, self.input_shape, self.max_batch)
+        return self._run(tiles)
+
+    def submit(self, tiles, slot: int = 0) -> Future:
+        self._check_open()
+        if not isinstance(tiles, np.ndarray):
+            raise EngineInputError(f"the onnxruntime backend takes NumPy tiles, got {type(tiles).__name__}")
+        check_tiles(tiles, self.input_shape, self.max_batch)
+        # copy: the caller may reuse its buffer as soon as submit returns (1 byte per pixel, cheap)
+        return self._slots.submit(slot, self._run, np.array(tiles, copy=True))
+
+    def warmup(self) -> None:
+        self._check_open()
+        for size in batch_buckets(self.max_batch):
+            self._run(np.zeros((size, *self.input_shape), dtype=np.uint8))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._slots.shutdown()
+        self._session = None
+
+
+def open_backend(bundle_dir: Path, meta: BundleMeta, *, device: str | None, precision: str | None,
+                 streams: int, max_batch: int, threads: int | None, cache_dir: Path | None,
+                 **options) -> OrtEngine:
+    if options:
+        raise BackendUnavailable(f"onnxruntime backend has no options {sorted(options)}")
+    if device not in (None, "cpu"):
+        raise BackendUnavailable(f"onnxruntime backend runs on cpu only here, not {device!r} "
+                                 "(use backend='torch' or 'tensorrt' on a GPU)")
+    if precision not in (None, "fp32"):
+        raise BackendUnavailable(f"onnxruntime backend on cpu runs fp32 only, not {precision!r}")
+    onnx_path = bundle_dir / meta.files.get("onnx", {}).get("path", ONNX_FILE)
+    return OrtEngine(onnx_path, meta, streams=streams, max_batch=max_batch, threads=threads)
