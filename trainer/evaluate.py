@@ -1,0 +1,151 @@
+"""Run a model (or an exported bundle) on labelled images and compute the metrics.
+
+A model runs fully convolutionally on whole images (batched, torch.no_grad, CPU); its raw maps are normalised
+by ``engines.graph.MapPostprocess`` (the one formula of the bundle), at the model's native map size. A bundle
+has a fixed tile size, so ``bundle_maps`` covers each image with overlapping tiles (starts on the map stride)
+and averages the overlaps; its maps therefore differ slightly from the whole-image maps of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from engines.bundle import InputSpec, MapSpec
+from engines.graph import MapPostprocess, Preprocess
+
+from .calibrate import Thresholds, image_score
+from .data import GOOD, EvalSet
+from .metrics import MetricError, au_pro, f1_max, image_auroc, pixel_auroc
+
+__all__ = ["EvalResult", "input_spec_for", "raw_maps", "normalise", "model_maps", "bundle_maps",
+           "evaluate_maps", "evaluate"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict
+    scores: np.ndarray  # image score per test image
+    maps: list[np.ndarray]  # normalised map per test image (h x w)
+
+
+def input_spec_for(model, channels: int, height: int, width: int) -> InputSpec:
+    return InputSpec(height=height, width=width, channels=channels, mean=tuple(model.input_mean),
+                     std=tuple(model.input_std))
+
+
+def _batches(images: list[np.ndarray], batch_size: int):
+    """Consecutive runs of same-shaped images, at most batch_size long: (start, stacked array)."""
+    start = 0
+    while start < len(images):
+        end = start + 1
+        while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
+            end += 1
+        yield start, np.stack(images[start:end])
+        start = end
+
+
+def raw_maps(model, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    """K x h x w float32 raw maps per uint8 H x W x C image."""
+    model.eval()
+    out: list[np.ndarray] = []
+    with torch.no_grad():
+        for _, batch in _batches(images, batch_size):
+            spec = input_spec_for(model, batch.shape[3], batch.shape[1], batch.shape[2])
+            x = Preprocess(spec)(torch.from_numpy(batch))
+            out.extend(model(x).float().numpy())
+    return out
+
+
+def normalise(raw: list[np.ndarray], map_spec: MapSpec) -> list[np.ndarray]:
+    """Raw K x h x w maps -> normalised h x w maps with MapPostprocess at the raw maps' own size."""
+    maps = []
+    with torch.no_grad():
+        for r in raw:
+            post = MapPostprocess(replace(map_spec, height=r.shape[-2], width=r.shape[-1]))
+            maps.append(post(torch.from_numpy(r[None]))[0, 0].numpy())
+    return maps
+
+
+def model_maps(model, images: list[np.ndarray], map_spec: MapSpec, batch_size: int = 8) -> list[np.ndarray]:
+    return normalise(raw_maps(model, images, batch_size), map_spec)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size < tile:
+        raise ValueError(f"image side {size} is smaller than the bundle tile {tile}")
+    count = -(-size // tile)  # enough tiles to cover the side
+    last = (size - tile) // stride * stride
+    return sorted({int(round(v / stride)) * stride for v in np.linspace(0, last, max(count, 1))})
+
+
+def bundle_maps(bundle_dir: str | Path, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    """Normalised maps of whole images from a bundle's model.onnx (ONNX Runtime, CPU), tiled."""
+    import onnxruntime as ort
+
+    from engines.bundle import read_bundle
+    from engines.graph import ONNX_INPUT
+
+    meta = read_bundle(bundle_dir)
+    session = ort.InferenceSession(str(Path(bundle_dir) / meta.files["onnx"]["path"]),
+                                   providers=["CPUExecutionProvider"])
+    tile, s = meta.input.height, meta.map.stride
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        acc, count = np.zeros((h // s, w // s), np.float64), np.zeros((h // s, w // s), np.float64)
+        coords = [(y, x) for y in _starts(h, tile, s) for x in _starts(w, tile, s)]
+        for i in range(0, len(coords), batch_size):
+            chunk = coords[i:i + batch_size]
+            tiles = np.stack([image[y:y + tile, x:x + tile] for y, x in chunk])
+            result = session.run(None, {ONNX_INPUT: tiles})[0]
+            for (y, x), m in zip(chunk, result[:, 0], strict=True):
+                acc[y // s:y // s + m.shape[0], x // s:x // s + m.shape[1]] += m
+                count[y // s:y // s + m.shape[0], x // s:x // s + m.shape[1]] += 1
+        out.append((acc / np.maximum(count, 1)).astype(np.float32))
+    return out
+
+
+def _upsample(maps: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    return np.stack([cv2.resize(m, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
+                     for m, mask in zip(maps, masks, strict=True)])
+
+
+def evaluate_maps(maps: list[np.ndarray], data: EvalSet, thresholds: Thresholds | None = None) -> EvalResult:
+    """Metrics from normalised maps: image AUROC / F1-max on the headline images, per-group AUROC,
+    rates at the calibrated threshold, pixel AUROC and AU-PRO (FPR <= 0.3) when masks exist."""
+    scores = np.array([image_score(m) for m in maps])
+    groups = np.array(data.groups)
+    main = ~np.isin(groups, data.separate_groups)
+    labels = data.labels[main]
+    metrics: dict = {"n_good": int((labels == 0).sum()), "n_defect": int((labels == 1).sum())}
+    metrics["image_auroc"] = image_auroc(scores[main], labels)
+    metrics["image_f1_max"], metrics["image_f1_threshold"] = f1_max(scores[main], labels)
+    if thresholds is not None:
+        rejected = scores[main] >= thresholds.image
+        metrics["false_reject_rate"] = float(rejected[labels == 0].mean())
+        metrics["miss_rate"] = float((~rejected[labels == 1]).mean())
+    good = groups == GOOD
+    metrics["per_group_auroc"] = {
+        str(g): image_auroc(scores[good | (groups == g)], (groups[good | (groups == g)] == g).astype(int))
+        for g in sorted(set(data.groups) - {GOOD})}
+    if data.masks is not None:
+        sel = np.flatnonzero(main)
+        up = _upsample([maps[i] for i in sel], [data.masks[i] for i in sel])
+        masks = np.stack([data.masks[i] for i in sel])
+        try:
+            metrics["pixel_auroc"] = pixel_auroc(up, masks)
+            metrics["au_pro_0.3"] = au_pro(up, masks, 0.3)
+        except MetricError as exc:
+            metrics["pixel_metrics_skipped"] = str(exc)
+    return EvalResult(metrics=metrics, scores=scores, maps=maps)
+
+
+def evaluate(model, data: EvalSet, map_spec: MapSpec, thresholds: Thresholds | None = None,
+             batch_size: int = 8) -> EvalResult:
+    """Run ``model`` on the whole test images and compute the metrics."""
+    return evaluate_maps(model_maps(model, data.images, map_spec, batch_size), data, thresholds)
