@@ -1,0 +1,472 @@
+"""Training loops: ``fit`` (EfficientAD student + autoencoder, DFR autoencoder) and ``pretrain_teacher``.
+
+Seeded and reproducible on CPU: one torch.Generator draws the data (crops, augmentation, synthetic
+anomalies) and the global torch RNG (dropout) is seeded; both states go into checkpoints, so a resumed run
+continues exactly like an uninterrupted one. Checkpoints (torch.save, read with weights_only=True) hold the
+model state, the optimiser state, the step and both RNG states.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .models.backbones.efficientnet_lite import TAP_CHANNELS, efficientnet_lite0
+from .models.dfr import pca_latent_dim
+from .models.efficientad import TEACHER_CHANNELS
+
+__all__ = ["TrainConfig", "CheckpointError", "fit", "pretrain_teacher", "read_checkpoint", "restore_model",
+           "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "edge-inspect-checkpoint"
+CHECKPOINT_VERSION = 1
+TEACHER_TAPS = (4, 8, 16)
+Progress = Callable[[int, int, dict], None]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not belong to the model being trained."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 70_000
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_drop_at: float = 0.95  # fraction of steps after which lr is multiplied by 0.1
+    seed: int = 0
+    teacher_steps: int = 10_000  # EfficientAD teacher distillation when the teacher is not trained yet
+    synthetic_anomalies: bool = False  # noise patches, 1-4 per image, on 40 % of images
+    cdo: bool = False  # collaborative discrepancy optimisation instead of the hard feature loss
+    penalty_images: tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end, when a path is given)
+    resume: bool = False  # continue from checkpoint_path when it exists
+    tile: int = 256  # square crop size taken from the training images
+    progress_every: int = 10
+    hard_quantile: float = 0.999
+    pca_variance: float = 0.9  # DFR latent size: explained variance of the training features
+    pca_samples: int = 16  # DFR: training crops whose features feed the PCA
+
+    def __post_init__(self):
+        checks = [(self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.lr > 0, "lr must be > 0"), (0 < self.lr_drop_at <= 1, "lr_drop_at must be in (0, 1]"),
+                  (self.teacher_steps >= 0, "teacher_steps must be >= 0"),
+                  (self.tile >= 32, "tile must be >= 32"),
+                  (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+                  (self.progress_every >= 1, "progress_every must be >= 1"),
+                  (0 < self.hard_quantile < 1, "hard_quantile must be in (0, 1)"),
+                  (0 < self.pca_variance <= 1, "pca_variance must be in (0, 1]"),
+                  (not (self.resume and self.checkpoint_path is None), "resume needs checkpoint_path")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+
+# ---------------------------------------------------------------- images and augmentation (pure functions)
+
+def _to_tensor(image: np.ndarray, tile: int, index: int) -> torch.Tensor:
+    """uint8 H x W (x 1|3) -> uint8 3 x H x W tensor; images smaller than the tile are refused."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError(f"training image {index}: expected a uint8 numpy array, got "
+                         f"{type(image).__name__} {getattr(image, 'dtype', '')}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"training image {index}: expected H x W x C with C 1 or 3, got {image.shape}")
+    if image.shape[0] < tile or image.shape[1] < tile:
+        raise ValueError(f"training image {index} is {image.shape[0]} x {image.shape[1]}, smaller than the "
+                         f"tile {tile}: resize it or lower TrainConfig.tile")
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t
+
+
+def prepare_images(images: Sequence[np.ndarray], tile: int) -> list[torch.Tensor]:
+    if len(images) == 0:
+        raise ValueError("no training images")
+    return [_to_tensor(img, tile, i) for i, img in enumerate(images)]
+
+
+def _randint(high: int, gen: torch.Generator) -> int:
+    return int(torch.randint(0, high, (1,), generator=gen)) if high > 1 else 0
+
+
+def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def sample_batch(images: list[torch.Tensor], tile: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Random tile crops of random images: B x 3 x tile x tile float in [0, 1]."""
+    out = []
+    for _ in range(batch):
+        img = images[_randint(len(images), gen)]
+        top, left = _randint(img.shape[1] - tile + 1, gen), _randint(img.shape[2] - tile + 1, gen)
+        out.append(img[:, top:top + tile, left:left + tile])
+    return torch.stack(out).float() / 255.0
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def color_jitter(x: torch.Tensor, gen: torch.Generator, strength: float = 0.2, all_kinds: bool = False):
+    """Brightness / contrast / saturation by a factor in [1-s, 1+s]: one kind (EfficientAD) or all in turn."""
+    kinds = [0, 1, 2] if all_kinds else [_randint(3, gen)]
+    for kind in kinds:
+        f = _uniform(1 - strength, 1 + strength, gen)
+        if kind == 0:
+            x = x * f
+        elif kind == 1:
+            x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * f + x.mean(dim=(1, 2, 3), keepdim=True)
+        else:
+            grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - grey) * f + grey
+    return x.clamp(0.0, 1.0)
+
+
+def strong_augment(images: list[torch.Tensor], tile: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Teacher distillation views: random resized crop (scale 0.7-1.4 of the tile, aspect 3/4-4/3), flips,
+    rotation up to 30 degrees (reflection padding), colour jitter 0.4."""
+    out = []
+    for _ in range(batch):
+        img = images[_randint(len(images), gen)].float() / 255.0
+        side = tile * math.exp(_uniform(math.log(0.7), math.log(1.4), gen))
+        aspect = math.exp(_uniform(math.log(3 / 4), math.log(4 / 3), gen))
+        h = min(img.shape[1], max(8, round(side / math.sqrt(aspect))))
+        w = min(img.shape[2], max(8, round(side * math.sqrt(aspect))))
+        top, left = _randint(img.shape[1] - h + 1, gen), _randint(img.shape[2] - w + 1, gen)
+        crop = F.interpolate(img[None, :, top:top + h, left:left + w], size=(tile, tile), mode="bilinear",
+                             align_corners=False, antialias=True)
+        if _uniform(0, 1, gen) < 0.5:
+            crop = crop.flip(-1)
+        if _uniform(0, 1, gen) < 0.5:
+            crop = crop.flip(-2)
+        angle = math.radians(_uniform(-30, 30, gen))
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
+        grid = F.affine_grid(theta, list(crop.shape), align_corners=False)
+        crop = F.grid_sample(crop, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        out.append(color_jitter(crop, gen, 0.4, all_kinds=True))
+    return torch.cat(out)
+
+
+def inject_noise_patches(x: torch.Tensor, gen: torch.Generator, fraction: float = 0.4,
+                         max_patches: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic anomalies: on ``fraction`` of the images, 1..max_patches uniform-noise rectangles
+    (side 1/16 to 1/4 of the tile). Returns the images and a B x 1 x H x W float mask of the injected
+    pixels."""
+    x = x.clone()
+    mask = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+    hh, ww = x.shape[-2:]
+    for b in range(x.shape[0]):
+        if _uniform(0, 1, gen) >= fraction:
+            continue
+        for _ in range(1 + _randint(max_patches, gen)):
+            ph, pw = (max(2, round(s * _uniform(1 / 16, 1 / 4, gen))) for s in (hh, ww))
+            top, left = _randint(hh - ph + 1, gen), _randint(ww - pw + 1, gen)
+            x[b, :, top:top + ph, left:left + pw] = torch.rand(3, ph, pw, generator=gen)
+            mask[b, :, top:top + ph, left:left + pw] = 1.0
+    return x, mask
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,
+                     gen: torch.Generator, history: list[float]) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": model.kind,
+             "size": model.size, "step": step, "total_steps": total, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "data_rng": gen.get_state(), "loss": torch.tensor(history, dtype=torch.float64),
+             "latent": getattr(model, "latent", None) or 0}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and validate a checkpoint (no arbitrary pickle: weights_only). Raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not an edge-inspect training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, "
+                              f"this build reads {CHECKPOINT_VERSION}")
+    return state
+
+
+def restore_model(model: nn.Module, state: dict) -> nn.Module:
+    """Load a checkpoint's model state (building DFR's autoencoder with the stored latent size first)."""
+    if state["kind"] != model.kind or state["size"] != model.size:
+        raise CheckpointError(f"checkpoint holds a {state['kind']}-{state['size']} model, "
+                              f"not {model.kind}-{model.size}")
+    if model.kind == "dfr" and state.get("latent") and model.latent != state["latent"]:
+        model.build_autoencoder(int(state["latent"]))
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint does not match the model's architecture: {exc}") from exc
+    return model
+
+
+# ---------------------------------------------------------------- EfficientAD
+
+def _require_efficientad(model: nn.Module, tile: int) -> None:
+    if getattr(model, "kind", None) != "efficientad":
+        raise ValueError(f"expected an EfficientAD model, got {getattr(model, 'kind', type(model).__name__)}")
+    if model.image_hw != (tile, tile):
+        raise ValueError(f"model built for {model.image_hw} inputs but TrainConfig.tile is {tile}: "
+                         f"create it with tile={tile}")
+
+
+class _DistillTarget(nn.Module):
+    """Backbone taps at strides 4/8/16 resized to the PDN output grid and standardised per channel."""
+
+    def __init__(self, out_hw: tuple[int, int]):
+        super().__init__()
+        self.backbone = efficientnet_lite0()
+        self.out_hw = out_hw
+        channels = sum(TAP_CHANNELS[t] for t in TEACHER_TAPS)
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    @torch.no_grad()
+    def raw(self, x01: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.features(normalise(x01, self.backbone.input_mean, self.backbone.input_std),
+                                       TEACHER_TAPS)
+        return torch.cat([F.interpolate(feats[t], size=self.out_hw, mode="bilinear", align_corners=False)
+                          for t in TEACHER_TAPS], dim=1)
+
+    @torch.no_grad()
+    def fit_stats(self, batches: list[torch.Tensor]) -> None:
+        f = torch.cat([self.raw(b).transpose(0, 1).reshape(self.mean.shape[1], -1) for b in batches], dim=1)
+        self.mean.copy_(f.mean(dim=1).view_as(self.mean))
+        self.std.copy_(f.std(dim=1).clamp(min=1e-6).view_as(self.std))
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return (self.raw(x01) - self.mean) / self.std
+
+
+@torch.no_grad()
+def teacher_statistics(model: nn.Module, images: list[torch.Tensor], tile: int) -> None:
+    """Set the teacher's channel mean/std buffers from non-overlapping tile crops of the images."""
+    mean, std = model.input_mean, model.input_std
+    outs = []
+    for img in images:
+        for top in range(0, img.shape[1] - tile + 1, tile):
+            for left in range(0, img.shape[2] - tile + 1, tile):
+                x = normalise(img[None, :, top:top + tile, left:left + tile].float() / 255.0, mean, std)
+                outs.append(model.teacher(x).transpose(0, 1).reshape(TEACHER_CHANNELS, -1))
+    f = torch.cat(outs, dim=1)
+    model.teacher_mean.copy_(f.mean(dim=1).view_as(model.teacher_mean))
+    model.teacher_std.copy_(f.std(dim=1).clamp(min=1e-6).view_as(model.teacher_std))
+
+
+def pretrain_teacher(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
+                     progress: Progress | None = None) -> dict:
+    """Distil EfficientNet-Lite0 features into the EfficientAD teacher PDN, then set its normalisation.
+
+    Target: Lite0 taps at strides 4, 8, 16 (24 + 40 + 112 = 176 channels) resized to the PDN output grid and
+    standardised per channel. The teacher keeps 384 output channels (the student and autoencoder are sized for
+    it), so a learned 1x1 linear head maps the teacher's 384 channels to the 176 target channels and the
+    MSE is taken there; the head is discarded afterwards. Views are strongly augmented (see strong_augment).
+    """
+    _require_efficientad(model, config.tile)
+    tensors = prepare_images(images, config.tile)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    target = _DistillTarget(model.feature_hw)
+    target.fit_stats([strong_augment(tensors, config.tile, config.batch_size, gen)
+                      for _ in range(min(8, max(1, config.teacher_steps)))])
+    head = nn.Conv2d(TEACHER_CHANNELS, target.mean.shape[1], 1)
+    model.teacher.requires_grad_(True).train()
+    params = list(model.teacher.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    history, start = [], time.perf_counter()
+    for step in range(config.teacher_steps):
+        _set_lr(optimizer, config, step, config.teacher_steps)
+        x01 = strong_augment(tensors, config.tile, config.batch_size, gen)
+        loss = F.mse_loss(head(model.teacher(normalise(x01, model.input_mean, model.input_std))), target(x01))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+        _report(progress, step + 1, config.teacher_steps, config, {"teacher_loss": history[-1]})
+    model.teacher.requires_grad_(False).eval()
+    teacher_statistics(model, tensors, config.tile)
+    model.teacher_trained.fill_(True)
+    return {"loss": history, "steps": config.teacher_steps, "seconds": time.perf_counter() - start}
+
+
+def _feature_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Image-resolution anomaly mask -> the student/teacher feature grid (any injected pixel counts)."""
+    m = F.max_pool2d(mask, model.map_stride)
+    if not model.padded:
+        m = m[..., 4:-4, 4:-4]
+    if tuple(m.shape[-2:]) != model.feature_hw:
+        m = F.interpolate(m, size=model.feature_hw, mode="nearest")
+    return m
+
+
+def _efficientad_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+                      penalty: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    mean, std = model.input_mean, model.input_std
+    parts: dict[str, torch.Tensor] = {}
+    x_st, mask = (inject_noise_patches(x01, gen) if config.synthetic_anomalies
+                  else (x01, torch.zeros(x01.shape[0], 1, *x01.shape[-2:])))
+    x = normalise(x_st, mean, std)
+    with torch.no_grad():
+        teacher = model.teacher_features(x)
+    student = model.student(x)[:, :TEACHER_CHANNELS]
+    fmask = _feature_mask(mask, model)
+    d = ((teacher - student) ** 2).mean(dim=1, keepdim=True)
+    if config.cdo:
+        parts["st"] = losses.cdo_loss(d, fmask if config.synthetic_anomalies else None)
+    else:
+        normal = (fmask <= 0.5).expand_as(teacher)
+        parts["st"] = losses.hard_feature_loss(teacher[normal], student[normal], config.hard_quantile)
+        if config.synthetic_anomalies:
+            parts["push"] = losses.anomaly_push_loss(d, fmask)
+    if penalty:
+        p = sample_batch(penalty, config.tile, 1, gen)
+        parts["penalty"] = losses.penalty_loss(model.student(normalise(p, mean, std))[:, :TEACHER_CHANNELS])
+    x_ae = normalise(color_jitter(x01, gen), mean, std)
+    ae = model.autoencoder(x_ae)
+    with torch.no_grad():
+        teacher_ae = model.teacher_features(x_ae)
+    parts["ae"] = losses.ae_loss(teacher_ae, ae)
+    parts["stae"] = losses.student_ae_loss(ae, model.student(x_ae)[:, TEACHER_CHANNELS:])
+    return parts
+
+
+def _efficientad_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: TrainConfig,
+                       progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
+    _require_efficientad(model, config.tile)
+    if not resumed:
+        if not bool(model.teacher_trained) and config.teacher_steps > 0:
+            info["teacher"] = pretrain_teacher(model, images, config, progress)
+        else:
+            teacher_statistics(model, tensors, config.tile)
+            info["teacher"] = {"steps": 0, "pretrained": bool(model.teacher_trained)}
+    model.teacher.requires_grad_(False).eval()
+    return list(model.student.parameters()) + list(model.autoencoder.parameters())
+
+
+# ---------------------------------------------------------------- DFR
+
+def _dfr_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+              penalty: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    f = model.regional_features(normalise(x01, model.input_mean, model.input_std))
+    return {"mse": losses.dfr_loss(f, model.autoencoder(f))}
+
+
+def _dfr_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: TrainConfig,
+               progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
+    if model.autoencoder is None:
+        gen = torch.Generator().manual_seed(config.seed + 2)
+        feats = [model.regional_features(normalise(sample_batch(tensors, config.tile, 1, gen),
+                                                   model.input_mean, model.input_std))
+                 for _ in range(config.pca_samples)]
+        flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats])
+        latent = pca_latent_dim(flat, config.pca_variance)
+        torch.manual_seed(config.seed)
+        model.build_autoencoder(latent)
+    info["latent"] = model.latent
+    return list(model.autoencoder.parameters())
+
+
+_TRAINERS = {"efficientad": (_efficientad_setup, _efficientad_step), "dfr": (_dfr_setup, _dfr_step)}
+
+
+# ---------------------------------------------------------------- the loop
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, total: int) -> None:
+    factor = 0.1 if step >= int(config.lr_drop_at * total) else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * factor
+
+
+def _report(progress: Progress | None, step: int, total: int, config: TrainConfig, info: dict) -> None:
+    if progress is not None and (step % config.progress_every == 0 or step == total):
+        progress(step, total, info)
+
+
+def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
+        progress: Progress | None = None) -> dict:
+    """Train ``model`` on good images (uint8 H x W x C, C 1 or 3) with random ``config.tile`` crops.
+
+    EfficientAD: distils the teacher first when it is not trained (config.teacher_steps), then trains student
+    and autoencoder. DFR: picks the latent size by PCA (unless the model has one), then trains the
+    autoencoder.
+    With ``resume`` and an existing ``checkpoint_path`` training continues from the checkpoint.
+    Returns {"loss": [...], "parts": {name: [...]}, "steps", "seconds", "start_step", ...}.
+    """
+    kind = getattr(model, "kind", None)
+    if kind not in _TRAINERS:
+        raise ValueError(f"fit: unsupported model kind {kind!r}: valid are {sorted(_TRAINERS)}")
+    setup, step_fn = _TRAINERS[kind]
+    tensors = prepare_images(images, config.tile)
+    penalty = prepare_images(config.penalty_images, config.tile) if config.penalty_images else []
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    state = None
+    if config.resume and Path(config.checkpoint_path).is_file():
+        state = read_checkpoint(config.checkpoint_path)
+        restore_model(model, state)
+    info: dict = {}
+    params = setup(model, tensors, images, config, progress, state is not None, info)
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    history: list[float] = []
+    parts: dict[str, list[float]] = {}
+    start_step = 0
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint optimiser state does not match: {exc}") from exc
+        start_step = int(state["step"])
+        history = state["loss"].tolist()
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["data_rng"])
+    model.train()
+    start = time.perf_counter()
+    for step in range(start_step, config.steps):
+        _set_lr(optimizer, config, step, config.steps)
+        batch = sample_batch(tensors, config.tile, config.batch_size, gen)
+        terms = step_fn(model, batch, config, gen, penalty)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+        for name, value in terms.items():
+            parts.setdefault(name, []).append(float(value))
+        _report(progress, step + 1, config.steps, config, {"loss": history[-1]})
+        every = config.checkpoint_every
+        if config.checkpoint_path and every and (step + 1) % every == 0:
+            _save_checkpoint(config.checkpoint_path, model, optimizer, step + 1, config.steps, gen, history)
+    model.eval()
+    if config.checkpoint_path:
+        _save_checkpoint(config.checkpoint_path, model, optimizer, config.steps, config.steps, gen, history)
+    return {"loss": history, "parts": parts, "steps": config.steps, "start_step": start_step,
+            "seconds": time.perf_counter() - start, "kind": kind, **info}

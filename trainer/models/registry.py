@@ -1,0 +1,34 @@
+"""Model registry: ``create_model(kind, size, **options)`` builds any trainable anomaly model by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .dfr import DFR
+from .efficientad import PDN_BUILDERS, EfficientAD
+
+__all__ = ["MODEL_KINDS", "MODEL_SIZES", "create_model"]
+
+
+def _efficientad(size: str = "s", **options) -> nn.Module:
+    return EfficientAD(size=size, **options)
+
+
+def _dfr(size: str = "s", **options) -> nn.Module:
+    return DFR(size=size, **options)
+
+
+MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"efficientad": _efficientad, "dfr": _dfr}
+MODEL_SIZES: dict[str, tuple[str, ...]] = {"efficientad": tuple(sorted(PDN_BUILDERS)), "dfr": ("s",)}
+
+
+def create_model(kind: str, size: str = "s", **options) -> nn.Module:
+    """Build a model: EfficientAD options tile, alpha, padded; DFR options taps, kernel, stride, grid_stride,
+    reflect_pad, latent, backbone_weights, pretrained."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: valid are {sorted(MODEL_KINDS)}")
+    if size not in MODEL_SIZES[kind]:
+        raise ValueError(f"unknown size {size!r} for {kind}: valid are {list(MODEL_SIZES[kind])}")
+    return MODEL_KINDS[kind](size, **options)
