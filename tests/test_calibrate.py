@@ -76,7 +76,7 @@ def test_map_spec_normalises_quantiles_to_0_and_0_1():
 def test_map_spec_rejects_constant_maps_and_bad_shapes():
     with pytest.raises(ValueError, match="constant"):
         map_spec_from_raw(np.ones((3, 1, 4, 4)), weights=(1.0,), tile=16)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="one per weight"):
         map_spec_from_raw(np.ones((3, 2, 4, 4)), weights=(1.0,), tile=16)
 
 

@@ -84,16 +84,23 @@ def image_score(maps, sigma: float = SCORE_SIGMA):
     return float(out) if out.ndim == 0 else out
 
 
-def map_spec_from_raw(raw: np.ndarray, weights: Sequence[float], tile: int, stride: int = 4,
+def _per_map_values(raw, count: int) -> list[np.ndarray]:
+    """Raw maps (N x K x h x w array, or a list of K x h x w of any sizes) -> K flat value arrays."""
+    maps = [np.asarray(r) for r in raw]
+    if not maps or any(m.ndim != 3 or m.shape[0] != count for m in maps):
+        shapes = sorted({m.shape for m in maps})
+        raise ValueError(f"raw maps must be K x h x w each with K = {count} (one per weight), got {shapes}")
+    return [np.concatenate([m[k].ravel() for m in maps]) for k in range(count)]
+
+
+def map_spec_from_raw(raw, weights: Sequence[float], tile: int, stride: int = 4,
                       q_a: float = Q_A, q_b: float = Q_B) -> MapSpec:
-    """MapSpec from raw maps N x K x h x w of good validation images."""
-    raw = np.asarray(raw)
-    if raw.ndim != 4 or raw.shape[1] != len(weights):
-        raise ValueError(f"raw maps must be N x K x h x w with K = {len(weights)} weights, got {raw.shape}")
+    """MapSpec from the raw maps of good validation images (N x K x h x w, or a list of K x h x w)."""
     if tile % stride:
         raise ValueError(f"tile {tile} is not a multiple of the map stride {stride}")
-    lows = tuple(quantile(raw[:, k], q_a) for k in range(raw.shape[1]))
-    highs = tuple(quantile(raw[:, k], q_b) for k in range(raw.shape[1]))
+    values = _per_map_values(raw, len(weights))
+    lows = tuple(quantile(v, q_a) for v in values)
+    highs = tuple(quantile(v, q_b) for v in values)
     for k, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
         if not hi > lo:
             raise ValueError(f"raw map {k} is constant on the validation images (q_a = q_b = {lo}); "
@@ -102,12 +109,15 @@ def map_spec_from_raw(raw: np.ndarray, weights: Sequence[float], tile: int, stri
                    weights=tuple(float(w) for w in weights))
 
 
-def calibrate_thresholds(maps: np.ndarray, frr: float = DEFAULT_FRR,
-                         pixel_frr: float = DEFAULT_PIXEL_FRR) -> Thresholds:
-    """Thresholds from normalised maps (N x 1 x h x w or N x h x w) of good validation images."""
+def calibrate_thresholds(maps, frr: float = DEFAULT_FRR, pixel_frr: float = DEFAULT_PIXEL_FRR) -> Thresholds:
+    """Thresholds from the normalised maps of good validation images (one h x w map each; an N x h x w or
+    N x 1 x h x w array, or a list of maps of any sizes)."""
     if not (0 < frr < 1 and 0 < pixel_frr < 1):
         raise ValueError(f"false-reject rates must be in (0, 1), got {frr}, {pixel_frr}")
-    maps = np.asarray(maps, dtype=np.float64)
-    scores = np.asarray(image_score(maps)).ravel()
-    return Thresholds(image=quantile(scores, 1 - frr), pixel=quantile(maps, 1 - pixel_frr),
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    if not maps:
+        raise ValueError("no validation maps to calibrate thresholds on")
+    scores = np.array([image_score(m) for m in maps], dtype=np.float64).ravel()
+    pixels = np.concatenate([m.ravel() for m in maps])
+    return Thresholds(image=quantile(scores, 1 - frr), pixel=quantile(pixels, 1 - pixel_frr),
                       target_frr=frr, pixel_frr=pixel_frr)

@@ -1,9 +1,10 @@
 """Run a model (or an exported bundle) on labelled images and compute the metrics.
 
-A model runs fully convolutionally on whole images (batched, torch.no_grad, CPU); its raw maps are normalised
-by ``engines.graph.MapPostprocess`` (the one formula of the bundle), at the model's native map size. A bundle
-has a fixed tile size, so ``bundle_maps`` covers each image with overlapping tiles (starts on the map stride)
-and averages the overlaps; its maps therefore differ slightly from the whole-image maps of the model.
+A fully convolutional model (DFR) runs on whole images (batched, torch.no_grad, CPU). A model built for a
+fixed input size (EfficientAD: ``image_hw``, its autoencoder decodes a fixed size) and a bundle (fixed tile)
+cover each image with overlapping tiles whose origins lie on the map stride; overlapping map pixels are
+averaged (``tiled_maps``). Raw maps are normalised by ``engines.graph.MapPostprocess`` (the bundle's one
+formula) at the maps' own size.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from .calibrate import Thresholds, image_score
 from .data import GOOD, EvalSet
 from .metrics import MetricError, au_pro, f1_max, image_auroc, pixel_auroc
 
-__all__ = ["EvalResult", "input_spec_for", "raw_maps", "normalise", "model_maps", "bundle_maps",
-           "evaluate_maps", "evaluate"]
+__all__ = ["EvalResult", "input_spec_for", "raw_maps", "normalise", "model_maps", "tile_starts", "tiled_maps",
+           "bundle_maps", "evaluate_maps", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,28 @@ def _batches(images: list[np.ndarray], batch_size: int):
         start = end
 
 
+def _model_tile(model) -> tuple[int, int] | None:
+    """The fixed input size of a model that is not fully convolutional (EfficientAD), else None."""
+    hw = getattr(model, "image_hw", None)
+    return None if hw is None else (int(hw[0]), int(hw[1]))
+
+
+def _run_model(model, batch: np.ndarray) -> np.ndarray:
+    spec = input_spec_for(model, batch.shape[3], batch.shape[1], batch.shape[2])
+    return model(Preprocess(spec)(torch.from_numpy(np.ascontiguousarray(batch)))).float().numpy()
+
+
 def raw_maps(model, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """K x h x w float32 raw maps per uint8 H x W x C image."""
+    """K x h x w float32 raw maps per uint8 H x W x C image: whole images for a fully convolutional
+    model, overlapping tiles (``tiled_maps``) for a model built for a fixed input size."""
     model.eval()
-    out: list[np.ndarray] = []
+    tile = _model_tile(model)
     with torch.no_grad():
+        if tile is not None and any(im.shape[:2] != tile for im in images):
+            return tiled_maps(lambda b: _run_model(model, b), images, tile, model.map_stride, batch_size)
+        out: list[np.ndarray] = []
         for _, batch in _batches(images, batch_size):
-            spec = input_spec_for(model, batch.shape[3], batch.shape[1], batch.shape[2])
-            x = Preprocess(spec)(torch.from_numpy(batch))
-            out.extend(model(x).float().numpy())
+            out.extend(_run_model(model, batch))
     return out
 
 
@@ -67,7 +81,7 @@ def normalise(raw: list[np.ndarray], map_spec: MapSpec) -> list[np.ndarray]:
     with torch.no_grad():
         for r in raw:
             post = MapPostprocess(replace(map_spec, height=r.shape[-2], width=r.shape[-1]))
-            maps.append(post(torch.from_numpy(r[None]))[0, 0].numpy())
+            maps.append(post(torch.from_numpy(np.ascontiguousarray(r[None])))[0, 0].numpy())
     return maps
 
 
@@ -75,16 +89,40 @@ def model_maps(model, images: list[np.ndarray], map_spec: MapSpec, batch_size: i
     return normalise(raw_maps(model, images, batch_size), map_spec)
 
 
-def _starts(size: int, tile: int, stride: int) -> list[int]:
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering [0, size): evenly spread, on multiples of ``stride``, first 0."""
     if size < tile:
-        raise ValueError(f"image side {size} is smaller than the bundle tile {tile}")
+        raise ValueError(f"image side {size} is smaller than the tile {tile}")
     count = -(-size // tile)  # enough tiles to cover the side
     last = (size - tile) // stride * stride
-    return sorted({int(round(v / stride)) * stride for v in np.linspace(0, last, max(count, 1))})
+    return sorted({int(round(v / stride)) * stride for v in np.linspace(0, last, count)})
+
+
+def tiled_maps(run, images: list[np.ndarray], tile: tuple[int, int], stride: int,
+               batch_size: int = 8) -> list[np.ndarray]:
+    """Maps of whole images from ``run(tiles B x th x tw x C) -> B x K x th/s x tw/s``, overlaps averaged."""
+    th, tw = tile
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        coords = [(y, x) for y in tile_starts(h, th, stride) for x in tile_starts(w, tw, stride)]
+        acc, count = None, np.zeros((h // stride, w // stride), np.float64)
+        for i in range(0, len(coords), batch_size):
+            chunk = coords[i:i + batch_size]
+            result = run(np.stack([image[y:y + th, x:x + tw] for y, x in chunk]))
+            if acc is None:
+                acc = np.zeros((result.shape[1], h // stride, w // stride), np.float64)
+            for (y, x), m in zip(chunk, result, strict=True):
+                ys = slice(y // stride, y // stride + m.shape[-2])
+                xs = slice(x // stride, x // stride + m.shape[-1])
+                acc[:, ys, xs] += m
+                count[ys, xs] += 1
+        out.append((acc / np.maximum(count, 1)).astype(np.float32))
+    return out
 
 
 def bundle_maps(bundle_dir: str | Path, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """Normalised maps of whole images from a bundle's model.onnx (ONNX Runtime, CPU), tiled."""
+    """Normalised h x w maps of whole images from a bundle's model.onnx (ONNX Runtime, CPU), tiled."""
     import onnxruntime as ort
 
     from engines.bundle import read_bundle
@@ -93,21 +131,9 @@ def bundle_maps(bundle_dir: str | Path, images: list[np.ndarray], batch_size: in
     meta = read_bundle(bundle_dir)
     session = ort.InferenceSession(str(Path(bundle_dir) / meta.files["onnx"]["path"]),
                                    providers=["CPUExecutionProvider"])
-    tile, s = meta.input.height, meta.map.stride
-    out = []
-    for image in images:
-        h, w = image.shape[:2]
-        acc, count = np.zeros((h // s, w // s), np.float64), np.zeros((h // s, w // s), np.float64)
-        coords = [(y, x) for y in _starts(h, tile, s) for x in _starts(w, tile, s)]
-        for i in range(0, len(coords), batch_size):
-            chunk = coords[i:i + batch_size]
-            tiles = np.stack([image[y:y + tile, x:x + tile] for y, x in chunk])
-            result = session.run(None, {ONNX_INPUT: tiles})[0]
-            for (y, x), m in zip(chunk, result[:, 0], strict=True):
-                acc[y // s:y // s + m.shape[0], x // s:x // s + m.shape[1]] += m
-                count[y // s:y // s + m.shape[0], x // s:x // s + m.shape[1]] += 1
-        out.append((acc / np.maximum(count, 1)).astype(np.float32))
-    return out
+    maps = tiled_maps(lambda b: session.run(None, {ONNX_INPUT: b})[0], images,
+                      (meta.input.height, meta.input.width), meta.map.stride, batch_size)
+    return [m[0] for m in maps]
 
 
 def _upsample(maps: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
