@@ -1,0 +1,125 @@
+"""Helpers for daemon tests: a config for a tiny bundle on free ports, the daemon as a subprocess, pyzmq
+discipline (linger 0, timeouts, bounded waits)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import yaml
+
+from edge_daemon.transport import free_tcp_port
+
+__all__ = ["daemon_config", "DaemonProcess", "scrape", "wait_until", "parse_metrics"]
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s:g} s")
+
+
+def daemon_config(tmp_path: Path, bundle: Path, **overrides) -> tuple[Path, dict]:
+    """Write a YAML config for ``bundle`` on free ports; returns (path, mapping)."""
+    instance = f"t{uuid.uuid4().hex[:8]}"
+    ports = {k: free_tcp_port() for k in ("ingest", "imagezmq", "output", "metrics")}
+    data = {
+        "engine": {
+            "bundle": str(bundle),
+            "backend": "onnxruntime",
+            "max_batch": 8,
+            "max_delay_us": 1000,
+            "threads": 1,
+        },
+        "workers": 1,
+        "endpoints": {
+            "ingest": f"tcp://127.0.0.1:{ports['ingest']}",
+            "imagezmq": f"tcp://127.0.0.1:{ports['imagezmq']}",
+            "output": f"tcp://127.0.0.1:{ports['output']}",
+            "metrics_port": ports["metrics"],
+        },
+        "max_frame": {"width": 256, "height": 256, "channels": 3, "bytes_per_sample": 1},
+        "queue": {"slots": 24, "size": 16, "worker_credit": 4},
+        "instance": instance,
+        "runtime_dir": f"/tmp/ei-{instance}",
+        "shutdown_timeout_s": 10,
+        "map_downscale": 2,
+        "inspection": {"tile_overlap": 0},
+        "cameras": [{"id": "cam1"}, {"id": "cam2", "threshold": 1000.0}],
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, data
+
+
+def scrape(port: int, path: str = "/metrics", timeout_s: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric_sum(metrics: dict[str, float], name: str) -> float:
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+class DaemonProcess:
+    """``python -m edge_daemon run`` in a subprocess with its logs in a file; always killed at exit."""
+
+    def __init__(self, config: Path, log_path: Path, extra_env: dict | None = None):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_daemon", "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, metrics_port: int, timeout_s: float = 30.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                return scrape(metrics_port, "/healthz", 0.5)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout_s, 0.1, "daemon healthy")
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log.close()
