@@ -35,7 +35,7 @@ from .tiling import (
 from .verdict import SCORE_MODES, Region, decide
 
 __all__ = ["InspectConfig", "Region", "FrameResult", "ModelGeometry", "PreparedFrame", "model_geometry",
-           "prepare_frame", "finish_frame", "inspect_frame"]
+           "prepare_frame", "finish_frame", "infer_all", "inspect_frame"]
 
 Rect = tuple[int, int, int, int]
 
