@@ -105,8 +105,7 @@ class TileBatcher:
         """Advance everything; return finished frames, waiting up to timeout_s for at least one."""
         deadline = self._clock() + timeout_s
         while True:
-            self._launch(force=False)
-            self._collect()
+            self._advance(force=False)
             out = self._emit()
             now = self._clock()
             if out or now >= deadline:
@@ -121,8 +120,7 @@ class TileBatcher:
         deadline = self._clock() + timeout_s
         out: list[tuple[object, FrameResult | Exception]] = []
         while True:
-            self._launch(force=True)
-            self._collect()
+            self._advance(force=True)
             out += self._emit()
             if self._pending_frames == 0:
                 return out
@@ -132,6 +130,11 @@ class TileBatcher:
             time.sleep(_SPIN_S)
 
     # ---- internals ----------------------------------------------------------------------------------------
+    def _advance(self, force: bool) -> None:
+        """Launch and collect until nothing more can happen without waiting."""
+        while self._launch(force) | self._collect():
+            pass
+
     def _next_wait(self, now: float) -> float | None:
         """Seconds until something may change, or None when nothing can without another add()."""
         waits = []
@@ -146,8 +149,10 @@ class TileBatcher:
             return True
         return self._clock() - self._waiting[0].added >= self._delay_s
 
-    def _launch(self, force: bool) -> None:
+    def _launch(self, force: bool) -> bool:
+        launched = False
         while self._pending_tiles and None in self._slots and self._due(force):
+            launched = True
             slot = self._slots.index(None)
             batch = _Batch(handle=None)
             chunks = []
@@ -170,17 +175,21 @@ class TileBatcher:
                 self._fail_batch(batch, exc)
                 continue
             self._slots[slot] = batch
+        return launched
 
-    def _collect(self) -> None:
+    def _collect(self) -> bool:
+        collected = False
         for slot, batch in enumerate(self._slots):
             if batch is None or not batch.handle.done():
                 continue
+            collected = True
             self._slots[slot] = None
             try:
                 maps = batch.handle.result()
                 self._scatter(batch, maps)
             except Exception as exc:  # noqa: BLE001 - reported per frame
                 self._fail_batch(batch, exc)
+        return collected
 
     def _scatter(self, batch: _Batch, maps) -> None:
         total = sum(end - start for _, start, end in batch.parts)
