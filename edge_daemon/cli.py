@@ -48,7 +48,8 @@ def _check(args) -> int:
     print(
         f"ok: {args.config}: model {meta.model_id} ({meta.input.height}x{meta.input.width}x"
         f"{meta.input.channels} tiles), backend {cfg.engine.backend}, {cfg.workers} worker(s), "
-        f"{len(cfg.cameras)} camera(s) configured, ingest {cfg.endpoints.ingest}, output {cfg.endpoints.output}"
+        f"{len(cfg.cameras)} camera(s) configured, ingest {cfg.endpoints.ingest}, "
+        f"output {cfg.endpoints.output}"
     )
     return 0
 
