@@ -258,6 +258,7 @@ def _finish(model, splits, args, out: Path, tile: int, options: dict, training: 
     from .evaluate import model_maps
     from .export import export_model
 
+    out.mkdir(parents=True, exist_ok=True)
     spec, thresholds, val_maps = calibrate_model(model, splits.val, tile, args.frr, args.pixel_frr,
                                                  args.batch_size_eval)
     metrics: dict = {"thresholds": asdict(thresholds)}
@@ -268,7 +269,6 @@ def _finish(model, splits, args, out: Path, tile: int, options: dict, training: 
     else:
         from .report import Panel, write_report
 
-        out.mkdir(parents=True, exist_ok=True)
         panels = [Panel(im, m, f"validation {i}")
                   for i, (im, m) in enumerate(zip(splits.val, val_maps, strict=True))][:8]
         write_report(out / "report.png", {}, panels, title=title + " (validation, no test set)")
@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(args.func(args) or 0)
     except (ValueError, OSError) as exc:  # DataError, CheckpointError, BundleError, MetricError, UsageError
-        print(f"edge-train {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the exception text holds
+        print(f"edge-train {args.command}: error: {message[:400]}", file=sys.stderr)
         return EXIT_USAGE
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return code
