@@ -71,6 +71,8 @@ def open_engine(bundle_dir: str | Path, backend: str = "auto", device: str | Non
         raise ValueError(f"streams and max_batch must be >= 1, got streams={streams} max_batch={max_batch}")
     if backend == "auto":
         backend, why = choose_backend(cuda_available(), tensorrt_missing_reason())
+        if device is None and backend in ("torch", "tensorrt"):
+            device = "cuda:0"  # chosen for the GPU: never let the backend drop to its CPU default
         log.info("engine backend auto -> %s (%s)", backend, why)
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; known: {', '.join(['auto', *BACKENDS])}")
