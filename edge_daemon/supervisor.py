@@ -270,6 +270,7 @@ class Supervisor:
             send_msg(self.to_ingest, {"t": "stop", "timeout_s": 0.6 * self.cfg.shutdown_timeout_s})
             while self.received is None and ingest.alive() and time.monotonic() < deadline:
                 self._pump(50)
+                self._lost_while_draining()
         self._stop_role("worker", deadline)
         self._stop_role("ingest", deadline)
         publisher = self.children.get(("publisher", 0))
@@ -289,6 +290,14 @@ class Supervisor:
         )
         log(self.logger, "daemon.stopped", clean=clean, received=self.received, published=self.published)
         return clean
+
+    def _lost_while_draining(self) -> None:
+        """A worker that dies during the drain is not restarted; its frames get "worker lost" records."""
+        for child in self.workers():
+            if not child.alive() and child.ready:
+                child.ready = False
+                self.agg.mark_dead(child.source)
+                send_msg(self.to_ingest, {"t": "worker_lost", "worker": child.index, "gen": child.gen})
 
     def _stop_role(self, role: str, deadline: float) -> bool:
         """SIGTERM the role's children, wait until the deadline, then SIGKILL; True if any was killed."""

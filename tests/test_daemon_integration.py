@@ -29,7 +29,9 @@ def _collect(sub: VerdictSubscriber, n: int, timeout_s: float) -> list:
     return out
 
 
-def _handshake(pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, timeout_s: float = 15.0) -> list:
+def _handshake(
+    pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, timeout_s: float = 15.0
+) -> list:
     """Send probe frames until the subscription is live (a verdict comes back); no sleeps."""
     got, deadline = [], time.monotonic() + timeout_s
     while not got and time.monotonic() < deadline:
@@ -54,16 +56,27 @@ def test_daemon_end_to_end(daemon):
     proc, data = daemon
     ep = data["endpoints"]
     rng = np.random.default_rng(0)
-    with VerdictSubscriber(ep["output"], maps=True) as sub, FramePublisher(ep["ingest"], "cam1") as cam1, \
-            FramePublisher(ep["ingest"], "cam2") as cam2:
+    with (
+        VerdictSubscriber(ep["output"], maps=True) as sub,
+        FramePublisher(ep["ingest"], "cam1") as cam1,
+        FramePublisher(ep["ingest"], "cam2") as cam2,
+    ):
         records = _handshake(cam1, sub, rng.integers(0, 256, (64, 64), dtype=np.uint8))
         sent = {("cam1", 0)}
         for i in range(4):
             fid = cam1.send(rng.integers(0, 256, (64, 96), dtype=np.uint8))
             sent.add(("cam1", fid))
-            sent.add(("cam2", cam2.send(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), frame_id=100 + i,
-                                        encoding="jpeg")))
-        sent.add(("cam2", cam2.send(rng.integers(0, 256, (40, 40), dtype=np.uint8), frame_id=200, encoding="png")))
+            sent.add(
+                (
+                    "cam2",
+                    cam2.send(
+                        rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), frame_id=100 + i, encoding="jpeg"
+                    ),
+                )
+            )
+        sent.add(
+            ("cam2", cam2.send(rng.integers(0, 256, (40, 40), dtype=np.uint8), frame_id=200, encoding="png"))
+        )
         # bad messages: each must come back as an error record with a reason
         cam1.send_parts([b"\xc1not msgpack", b"x"])
         cam1.send_parts([encode_header("cam1", 7, 1, "mono8", 10, 10, 1), b"short"])
@@ -86,7 +99,9 @@ def test_daemon_end_to_end(daemon):
     maps = [m for m in items if not hasattr(m, "kind")]
     errors = [v for v in items if getattr(v, "kind", None) == "error"]
     assert {(v.camera_id, v.frame_id) for v in verdicts if v.camera_id != "izmq"} == sent
-    assert sorted(v.frame_id for v in verdicts if v.camera_id == "izmq") == [0, 1], [v for v in items if getattr(v, "camera_id", "") == "izmq"]
+    assert sorted(v.frame_id for v in verdicts if v.camera_id == "izmq") == [0, 1], [
+        v for v in items if getattr(v, "camera_id", "") == "izmq"
+    ]
     assert all(v.verdict in ("PASS", "FAIL") and v.model_id.startswith("tiny-xs") for v in verdicts)
     assert all(v.verdict == "PASS" and v.threshold == 1000.0 for v in verdicts if v.camera_id == "cam2")
     assert all("infer" in v.timings_ms and v.receive_ns >= v.capture_ns for v in verdicts)
@@ -140,3 +155,35 @@ def test_metrics_account_for_every_frame(daemon):
     assert 'edge_stage_latency_ms_count{stage="infer"}' in m
     assert m["edge_workers_healthy"] == 1
     assert proc.terminate(timeout_s=30) == 0
+
+
+def test_worker_killed_is_restarted_and_frames_accounted(daemon):
+    import os
+    import re
+    import signal
+
+    proc, data = daemon
+    ep = data["endpoints"]
+    rng = np.random.default_rng(2)
+    pid = int(re.search(r"event=child.started role=worker index=0 gen=1 pid=(\d+)", proc.logs()).group(1))
+    with VerdictSubscriber(ep["output"]) as sub, FramePublisher(ep["ingest"], "cam1") as cam:
+        records = _handshake(cam, sub, rng.integers(0, 256, (32, 32), dtype=np.uint8))
+        sent = [cam.send(rng.integers(0, 256, (128, 128), dtype=np.uint8)) for _ in range(8)]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "event=worker.ready worker=0 gen=2" in proc.logs(), 30.0, 0.1, "worker restart")
+        sent += [cam.send(rng.integers(0, 256, (32, 32), dtype=np.uint8)) for _ in range(3)]
+        records += _collect(sub, len(sent), 20.0)
+    by_frame = {}
+    for r in records[1:]:
+        by_frame.setdefault(r.frame_id, []).append(r)
+    assert sorted(by_frame) == sorted(sent) and all(len(v) == 1 for v in by_frame.values())
+    assert all(r.kind == "verdict" or r.reason == "worker lost" for r in records)
+    assert all(by_frame[f][0].kind == "verdict" for f in sent[-3:])  # the new worker answers
+    m = wait_until(
+        lambda: parse_metrics(scrape(ep["metrics_port"])[1]).get('edge_worker_restarts_total{worker="0"}'),
+        10.0,
+        0.2,
+        "restart counter",
+    )
+    assert m == 1
+    assert proc.terminate(timeout_s=30) == 0, proc.logs()
