@@ -29,6 +29,10 @@ HELP = {
     ),
     "edge_frames_dropped_total": ("counter", "Drop records published (backpressure), per camera."),
     "edge_protocol_errors_total": ("counter", "Messages rejected by ingest, per reason class."),
+    "edge_records_deduplicated_total": (
+        "counter",
+        "Second records for one frame (worker lost after publishing).",
+    ),
     "edge_worker_restarts_total": ("counter", "Inference workers restarted by the supervisor."),
     "edge_queue_depth": ("gauge", "Frames waiting for a worker."),
     "edge_slots_in_use": ("gauge", "Shared-memory slots holding a frame."),

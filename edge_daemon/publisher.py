@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import zmq
 
@@ -24,6 +25,8 @@ from .protocol import pack
 from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
 
 __all__ = ["Publisher", "run_publisher", "KIND_COUNTERS"]
+
+DEDUP_WINDOW = 65536  # records remembered for de-duplication
 
 KIND_COUNTERS = {
     "verdict": "edge_frames_answered_total",
@@ -50,6 +53,8 @@ class Publisher:
         self.stats = make_socket(ctx, zmq.PUSH, sndhwm=100)
         self.stats.connect(ipc_endpoint(cfg.runtime_path, "stats.ipc"))
         self.expect: int | None = None
+        self._recent: set[tuple] = set()
+        self._order: deque[tuple] = deque()
         self.deadline = float("inf")
 
     def close(self) -> None:
@@ -70,12 +75,27 @@ class Publisher:
             log(self.logger, "publisher.unknown_message", logging.WARNING, kind=str(kind))
             return
         record = msg["record"]
+        if self._seen_before(record):
+            self.metrics.inc("edge_records_deduplicated_total", {"camera": record["camera_id"]})
+            return
         topic = record["camera_id"].encode()
         self.out.send_multipart([topic, pack(record)])
         if "map" in msg:
             self.out.send_multipart([topic + b"/map", pack({"frame_id": record["frame_id"], **msg["map"]})])
         self.published += 1
         self.metrics.inc(KIND_COUNTERS[record["kind"]], {"camera": record["camera_id"]})
+
+    def _seen_before(self, record: dict) -> bool:
+        """One record per frame: a worker killed after publishing but before returning the slot makes
+        ingest send a second ("worker lost") record for the same frame; the first one wins."""
+        key = (record["camera_id"], record["frame_id"], record["receive_ns"])
+        if key in self._recent:
+            return True
+        self._recent.add(key)
+        self._order.append(key)
+        if len(self._order) > DEDUP_WINDOW:
+            self._recent.discard(self._order.popleft())
+        return False
 
     def _send_stats(self, block: bool = False) -> None:
         try:

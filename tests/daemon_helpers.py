@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from edge_daemon.shm import cleanup_stale
 from edge_daemon.transport import free_tcp_port
 
 __all__ = ["daemon_config", "DaemonProcess", "scrape", "wait_until", "parse_metrics"]
@@ -89,8 +90,9 @@ def metric_sum(metrics: dict[str, float], name: str) -> float:
 class DaemonProcess:
     """``python -m edge_daemon run`` in a subprocess with its logs in a file; always killed at exit."""
 
-    def __init__(self, config: Path, log_path: Path, extra_env: dict | None = None):
+    def __init__(self, config: Path, log_path: Path, extra_env: dict | None = None, instance: str = ""):
         self.log_path = log_path
+        self.instance = instance
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.proc = subprocess.Popen(
@@ -119,7 +121,10 @@ class DaemonProcess:
         return self.proc.wait(timeout=timeout_s)
 
     def stop(self) -> None:
+        """Kill a daemon still running (a failed test) and remove what a killed daemon leaves behind."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+            if self.instance:
+                cleanup_stale(self.instance)
         self._log.close()

@@ -29,22 +29,22 @@ def _collect(sub: VerdictSubscriber, n: int, timeout_s: float) -> list:
     return out
 
 
-def _handshake(
-    pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, timeout_s: float = 15.0
-) -> list:
-    """Send probe frames until the subscription is live (a verdict comes back); no sleeps."""
-    got, deadline = [], time.monotonic() + timeout_s
+def _handshake(pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, timeout_s: float = 15.0):
+    """Send probe frames until the subscription is live (a verdict comes back); no sleeps.
+
+    Returns (records received so far, frame ids of every probe sent): late probe records may follow."""
+    got, probes, deadline = [], [], time.monotonic() + timeout_s
     while not got and time.monotonic() < deadline:
-        pub.send(frame)
+        probes.append(pub.send(frame))
         got = _collect(sub, 1, 0.3)
     assert got, "no verdict for probe frames: subscription never became live"
-    return got
+    return got, probes
 
 
 @pytest.fixture
 def daemon(tmp_path, tiny_bundle):
     path, data = daemon_config(tmp_path, tiny_bundle)
-    proc = DaemonProcess(path, tmp_path / "daemon.log")
+    proc = DaemonProcess(path, tmp_path / "daemon.log", instance=data["instance"])
     try:
         proc.wait_ready(data["endpoints"]["metrics_port"], timeout_s=45)
         yield proc, data
@@ -61,8 +61,8 @@ def test_daemon_end_to_end(daemon):
         FramePublisher(ep["ingest"], "cam1") as cam1,
         FramePublisher(ep["ingest"], "cam2") as cam2,
     ):
-        records = _handshake(cam1, sub, rng.integers(0, 256, (64, 64), dtype=np.uint8))
-        sent = {("cam1", 0)}
+        records, probes = _handshake(cam1, sub, rng.integers(0, 256, (64, 64), dtype=np.uint8))
+        sent = {("cam1", p) for p in probes}
         for i in range(4):
             fid = cam1.send(rng.integers(0, 256, (64, 96), dtype=np.uint8))
             sent.add(("cam1", fid))
@@ -93,7 +93,7 @@ def test_daemon_end_to_end(daemon):
             assert ok and sender.send_jpg("izmq", jpg) == b"OK"
         finally:
             sender.close()
-        good = len(sent) - 1 + 2  # after the probe: good frames (+ 2 imagezmq), each a verdict and a map
+        good = len(sent) - len(records) + 2  # still to come: good frames (+ 2 imagezmq), verdict and map each
         items = _collect(sub, 2 * good + 5, 20.0)
     verdicts = [v for v in records + items if getattr(v, "kind", None) == "verdict"]
     maps = [m for m in items if not hasattr(m, "kind")]
@@ -134,11 +134,11 @@ def test_metrics_account_for_every_frame(daemon):
     ep = data["endpoints"]
     rng = np.random.default_rng(1)
     with VerdictSubscriber(ep["output"]) as sub, FramePublisher(ep["ingest"], "cam1") as cam:
-        got = _handshake(cam, sub, rng.integers(0, 256, (32, 32), dtype=np.uint8))
+        got, probes = _handshake(cam, sub, rng.integers(0, 256, (32, 32), dtype=np.uint8))
         for _ in range(6):
             cam.send(rng.integers(0, 256, (64, 64), dtype=np.uint8))
         cam.send_parts([b"junk"])
-        got += _collect(sub, 7, 15.0)
+        got += _collect(sub, len(probes) - len(got) + 7, 15.0)
 
     def settled():
         m = parse_metrics(scrape(ep["metrics_port"])[1])
@@ -146,7 +146,9 @@ def test_metrics_account_for_every_frame(daemon):
         answered = metric_sum(m, "edge_frames_answered_total")
         failed = metric_sum(m, "edge_frames_failed_total")
         dropped = metric_sum(m, "edge_frames_dropped_total")
-        return m if received == len(got) and received == answered + failed + dropped else None
+        infer = m.get('edge_stage_latency_ms_count{stage="infer"}')  # worker snapshots come separately
+        balanced = received == len(got) and received == answered + failed + dropped
+        return m if balanced and infer == answered else None
 
     m = wait_until(settled, 10.0, 0.2, "metrics accounting (received = answered + failed + dropped)")
     assert metric_sum(m, "edge_frames_failed_total") == 1
@@ -167,16 +169,16 @@ def test_worker_killed_is_restarted_and_frames_accounted(daemon):
     rng = np.random.default_rng(2)
     pid = int(re.search(r"event=child.started role=worker index=0 gen=1 pid=(\d+)", proc.logs()).group(1))
     with VerdictSubscriber(ep["output"]) as sub, FramePublisher(ep["ingest"], "cam1") as cam:
-        records = _handshake(cam, sub, rng.integers(0, 256, (32, 32), dtype=np.uint8))
+        records, probes = _handshake(cam, sub, rng.integers(0, 256, (32, 32), dtype=np.uint8))
         sent = [cam.send(rng.integers(0, 256, (128, 128), dtype=np.uint8)) for _ in range(8)]
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: "event=worker.ready worker=0 gen=2" in proc.logs(), 30.0, 0.1, "worker restart")
         sent += [cam.send(rng.integers(0, 256, (32, 32), dtype=np.uint8)) for _ in range(3)]
-        records += _collect(sub, len(sent), 20.0)
+        records += _collect(sub, len(probes) - len(records) + len(sent), 20.0)
     by_frame = {}
-    for r in records[1:]:
+    for r in records:
         by_frame.setdefault(r.frame_id, []).append(r)
-    assert sorted(by_frame) == sorted(sent) and all(len(v) == 1 for v in by_frame.values())
+    assert sorted(by_frame) == sorted(probes + sent) and all(len(v) == 1 for v in by_frame.values())
     assert all(r.kind == "verdict" or r.reason == "worker lost" for r in records)
     assert all(by_frame[f][0].kind == "verdict" for f in sent[-3:])  # the new worker answers
     m = wait_until(
