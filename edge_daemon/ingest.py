@@ -27,7 +27,7 @@ import zmq
 
 from .config import DaemonConfig
 from .logs import get_logger, log
-from .metrics import Metrics
+from .metrics import CameraLabels, Metrics
 from .protocol import (
     MAX_CAMERA_ID,
     MAX_HEADER_BYTES,
@@ -40,7 +40,15 @@ from .protocol import (
 from .shm import FreeList, SlotRing
 from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
 
-__all__ = ["Ingest", "FrameIn", "decode_into", "parse_protocol", "parse_imagezmq", "run_ingest"]
+__all__ = [
+    "Ingest",
+    "FrameIn",
+    "decode_into",
+    "encoded_size",
+    "parse_protocol",
+    "parse_imagezmq",
+    "run_ingest",
+]
 
 _TO_RGB = {("bgr", 3): cv2.COLOR_BGR2RGB, ("bgr", 4): cv2.COLOR_BGRA2RGB, ("rgb", 4): cv2.COLOR_RGBA2RGB}
 
@@ -76,6 +84,72 @@ def _copy_to_slot(img: np.ndarray, color: str, out: np.ndarray) -> None:
         np.copyto(out, res)
 
 
+MAX_IMAGEZMQ_CAMERAS = 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the image size
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
+            i += 2
+            continue
+        length = int.from_bytes(buf[i + 2 : i + 4], "big")
+        if marker in _JPEG_SOF and i + 9 <= len(buf):
+            return int.from_bytes(buf[i + 7 : i + 9], "big"), int.from_bytes(buf[i + 5 : i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def encoded_size(payload, encoding: str) -> tuple[int, int] | None:
+    """(width, height) read from a PNG IHDR or a JPEG SOF header without decoding; None if unreadable.
+
+    Checked before ``cv2.imdecode`` so that a small compressed "bomb" claiming a huge image is refused
+    before any pixel memory is allocated."""
+    buf = bytes(payload[:65536])
+    if encoding == "png":
+        if buf[:8] != _PNG_SIGNATURE or buf[12:16] != b"IHDR" or len(buf) < 24:
+            return None
+        return int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
+    return _jpeg_size(buf)
+
+
+def _imdecode(frame: FrameIn, max_w: int, max_h: int) -> np.ndarray:
+    def refuse(problem: str) -> ProtocolError:
+        return ProtocolError(
+            f"{frame.encoding} payload of {len(frame.payload)} bytes {problem}",
+            frame.camera_id,
+            frame.frame_id,
+        )
+
+    size = encoded_size(frame.payload, frame.encoding)
+    if size is None:
+        raise refuse("could not be decoded: no readable image header (truncated or corrupt)")
+    if size[0] > max_w or size[1] > max_h or 0 in size:
+        raise refuse(f"claims {size[0]}x{size[1]}, over the configured maximum {max_w}x{max_h}")
+    try:
+        img = cv2.imdecode(np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise refuse(f"could not be decoded (OpenCV: {str(exc).strip().splitlines()[-1][:200]})") from exc
+    if img is None or img.size == 0:
+        raise refuse("could not be decoded (truncated or corrupt)")
+    if img.dtype not in (np.uint8, np.uint16) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        raise refuse(f"decodes to an unsupported {img.dtype} image of shape {img.shape}")
+    return img
+
+
 def decode_into(
     frame: FrameIn, ring: SlotRing, slot: int, max_w: int, max_h: int
 ) -> tuple[tuple[int, ...], str]:
@@ -83,14 +157,7 @@ def decode_into(
 
     Raw payloads are copied once (from the zmq buffer); JPEG/PNG are decoded then copied."""
     if frame.encoding in ("jpeg", "png"):
-        img = cv2.imdecode(np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None or img.size == 0:
-            raise ProtocolError(
-                f"{frame.encoding} payload of {len(frame.payload)} bytes could not be "
-                f"decoded (truncated or corrupt)",
-                frame.camera_id,
-                frame.frame_id,
-            )
+        img = _imdecode(frame, max_w, max_h)
         color = "bgr"
     else:
         img = np.frombuffer(frame.payload, dtype=frame.dtype).reshape(frame.shape)
@@ -191,6 +258,7 @@ class Ingest:
         }  # worker -> slot -> desc
         self.workers: dict[int, _WorkerState | None] = dict.fromkeys(range(cfg.workers))
         self.metrics = Metrics()
+        self.cam = CameraLabels(c.id for c in cfg.cameras)
         self.logger = get_logger()
         self.received = 0
         self.stopping_until: float | None = None
@@ -258,8 +326,12 @@ class Ingest:
 
     # ---- frames in ----------------------------------------------------------------------------------------
     def _next_id(self, camera_id: str) -> int:
-        self._ids[camera_id] = self._ids.get(camera_id, -1) + 1
-        return self._ids[camera_id]
+        """imagezmq frame ids, counted per camera; bounded: the least recent of too many ids restarts."""
+        fid = self._ids.pop(camera_id, -1) + 1
+        self._ids[camera_id] = fid
+        if len(self._ids) > MAX_IMAGEZMQ_CAMERAS:
+            del self._ids[next(iter(self._ids))]
+        return fid
 
     def on_message(self, parts: list, imagezmq: bool) -> None:
         receive_ns = time.time_ns()
@@ -273,12 +345,18 @@ class Ingest:
         except ProtocolError as exc:
             self._reject(exc, receive_ns)
             return
-        self.metrics.inc("edge_frames_received_total", {"camera": frame.camera_id})
+        except Exception as exc:  # a parser bug must cost one error record, never the ingest process
+            log(self.logger, "frame.parse_failed", logging.ERROR, exc_info=True)
+            self._reject(
+                ProtocolError(f"internal error while parsing: {type(exc).__name__}: {exc}"), receive_ns
+            )
+            return
+        self.metrics.inc("edge_frames_received_total", self.cam(frame.camera_id))
         self._admit(frame)
 
     def _reject(self, exc: ProtocolError, receive_ns: int) -> None:
-        self.metrics.inc("edge_frames_received_total", {"camera": exc.camera_id})
-        self.metrics.inc("edge_protocol_errors_total", {"camera": exc.camera_id})
+        self.metrics.inc("edge_frames_received_total", self.cam(exc.camera_id))
+        self.metrics.inc("edge_protocol_errors_total", self.cam(exc.camera_id))
         log(self.logger, "frame.rejected", logging.DEBUG, camera=exc.camera_id, reason=exc.reason)
         self._emit("error", exc.camera_id, exc.frame_id, exc.reason, receive_ns=receive_ns)
 
@@ -312,12 +390,15 @@ class Ingest:
             shape, dtype = decode_into(
                 frame, self.ring, slot, self.cfg.max_frame.width, self.cfg.max_frame.height
             )
-        except ProtocolError as exc:
+        except Exception as exc:  # ProtocolError; anything else is a decoder bug, still one record
             self.free.release(slot)
-            self.metrics.inc("edge_protocol_errors_total", {"camera": frame.camera_id})
-            self._emit(
-                "error", frame.camera_id, frame.frame_id, exc.reason, frame.capture_ns, frame.receive_ns
-            )
+            self.metrics.inc("edge_protocol_errors_total", self.cam(frame.camera_id))
+            if isinstance(exc, ProtocolError):
+                reason = exc.reason
+            else:
+                log(self.logger, "frame.decode_failed", logging.ERROR, exc_info=True, camera=frame.camera_id)
+                reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
+            self._emit("error", frame.camera_id, frame.frame_id, reason, frame.capture_ns, frame.receive_ns)
             return
         self.queue.append(
             {

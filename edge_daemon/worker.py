@@ -124,7 +124,7 @@ class Worker:
             frame = self.ring.view(desc["slot"], tuple(desc["shape"]), desc["dtype"])
             config = self.configs.get(desc["camera_id"], self.configs[None])
             self.batcher.add(ticket, desc["camera_id"], frame, config)
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a frame the pipeline refuses costs one error record
             self._publish(desc, exc)
             return
         self.tickets[ticket] = desc
