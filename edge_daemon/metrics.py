@@ -12,7 +12,18 @@ import bisect
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["Metrics", "Aggregator", "MetricsServer", "render", "HELP", "LATENCY_BUCKETS_MS", "BATCH_BUCKETS"]
+__all__ = [
+    "Metrics",
+    "Aggregator",
+    "CameraLabels",
+    "OTHER_CAMERAS",
+    "MAX_CAMERA_LABELS",
+    "MetricsServer",
+    "render",
+    "HELP",
+    "LATENCY_BUCKETS_MS",
+    "BATCH_BUCKETS",
+]
 
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -43,6 +54,29 @@ HELP = {
     "edge_stage_latency_ms": ("histogram", "Per-stage latency of a frame (ms)."),
     "edge_frame_latency_ms": ("histogram", "Receive-to-result latency of a frame in the worker (ms)."),
 }
+
+
+MAX_CAMERA_LABELS = 64  # distinct camera label values per process; the rest count as OTHER_CAMERAS
+OTHER_CAMERAS = "_other"
+
+
+class CameraLabels:
+    """Bounded label values for the ``camera`` label: configured cameras always keep their own, the first
+    ``limit`` others too, and any further camera id (a script sending random ids) counts as ``_other``,
+    so that neither memory nor /metrics grows with what a peer sends."""
+
+    def __init__(self, known=(), limit: int = MAX_CAMERA_LABELS):
+        self._known = set(known)
+        self._seen: set[str] = set()
+        self.limit = limit
+
+    def __call__(self, camera_id: str) -> dict:
+        if camera_id in self._known or camera_id in self._seen:
+            return {"camera": camera_id}
+        if len(self._seen) < self.limit:
+            self._seen.add(camera_id)
+            return {"camera": camera_id}
+        return {"camera": OTHER_CAMERAS}
 
 
 def _key(name: str, labels: dict | None) -> tuple:

@@ -20,13 +20,14 @@ import zmq
 
 from .config import DaemonConfig
 from .logs import get_logger, log
-from .metrics import Metrics
+from .metrics import CameraLabels, Metrics
 from .protocol import pack
 from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
 
 __all__ = ["Publisher", "run_publisher", "KIND_COUNTERS"]
 
 DEDUP_WINDOW = 65536  # records remembered for de-duplication
+MAX_SEQ_CAMERAS = 1024  # camera ids with a sequence counter (a forgotten one restarts at 0)
 
 KIND_COUNTERS = {
     "verdict": "edge_frames_answered_total",
@@ -39,6 +40,7 @@ class Publisher:
     def __init__(self, cfg: DaemonConfig, ctx: zmq.Context):
         self.cfg = cfg
         self.metrics = Metrics()
+        self.cam = CameraLabels(c.id for c in cfg.cameras)
         self.logger = get_logger()
         self.published = 0
         self.curve = None
@@ -53,6 +55,7 @@ class Publisher:
         self.stats = make_socket(ctx, zmq.PUSH, sndhwm=100)
         self.stats.connect(ipc_endpoint(cfg.runtime_path, "stats.ipc"))
         self.expect: int | None = None
+        self._seq: dict[str, int] = {}
         self._recent: set[tuple] = set()
         self._order: deque[tuple] = deque()
         self.deadline = float("inf")
@@ -76,14 +79,20 @@ class Publisher:
             return
         record = msg["record"]
         if self._seen_before(record):
-            self.metrics.inc("edge_records_deduplicated_total", {"camera": record["camera_id"]})
+            self.metrics.inc("edge_records_deduplicated_total", self.cam(record["camera_id"]))
             return
         topic = record["camera_id"].encode()
-        self.out.send_multipart([topic, pack(record)])
+        # per-camera sequence number: a subscriber that finds a gap knows it missed records (slow reader
+        # past its high-water mark, reconnect); it restarts at 0 with the publisher process
+        seq = self._seq.pop(record["camera_id"], 0)
+        self._seq[record["camera_id"]] = seq + 1  # most recent last: the oldest camera is forgotten first
+        if len(self._seq) > MAX_SEQ_CAMERAS:
+            del self._seq[next(iter(self._seq))]
+        self.out.send_multipart([topic, pack({**record, "seq": seq})])
         if "map" in msg:
             self.out.send_multipart([topic + b"/map", pack({"frame_id": record["frame_id"], **msg["map"]})])
         self.published += 1
-        self.metrics.inc(KIND_COUNTERS[record["kind"]], {"camera": record["camera_id"]})
+        self.metrics.inc(KIND_COUNTERS[record["kind"]], self.cam(record["camera_id"]))
 
     def _seen_before(self, record: dict) -> bool:
         """One record per frame: a worker killed after publishing but before returning the slot makes
