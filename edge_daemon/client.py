@@ -59,6 +59,7 @@ class Verdict:
     model_id: str = ""
     reason: str = ""
     v: int = PROTOCOL_VERSION
+    seq: int | None = None  # per-camera publication counter (gaps: records this subscriber missed)
 
     @classmethod
     def from_record(cls, record: dict) -> Verdict:
@@ -103,6 +104,7 @@ class FramePublisher:
         bind: bool = False,
         send_timeout_s: float = 1.0,
         hwm: int = 16,
+        close_linger_s: float | None = None,
         color: str = "bgr8",
         jpeg_quality: int = 90,
         curve: CurveClientKeys | None = None,
@@ -113,6 +115,8 @@ class FramePublisher:
         if socket_type not in ("push", "pub"):
             raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
         self.camera_id, self.color, self.jpeg_quality = camera_id, color, jpeg_quality
+        # frames accepted by send() are still queued in ZeroMQ: close() waits this long to deliver them
+        self.close_linger_s = send_timeout_s if close_linger_s is None else close_linger_s
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH if socket_type == "push" else zmq.PUB)
@@ -168,7 +172,8 @@ class FramePublisher:
             ) from exc
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        """Close; frames already sent get up to ``close_linger_s`` to leave (then they are dropped)."""
+        self._sock.close(linger=int(self.close_linger_s * 1000))
         if self._own_ctx:
             self._ctx.term()
 
@@ -181,7 +186,11 @@ class FramePublisher:
 
 class VerdictSubscriber:
     """PLC/HMI side: SUB connect to the daemon's output; ``recv`` returns Verdict (or AnomalyMap when
-    ``maps=True`` and a map arrives) or None on timeout."""
+    ``maps=True`` and a map arrives) or None on timeout.
+
+    ``missed`` counts records this subscriber did not get, from gaps in each camera's ``seq`` (a reader
+    slower than the daemon past its high-water mark loses records: ZeroMQ PUB drops them for that reader
+    only); ``missed_by_camera`` has the detail. A ``seq`` that goes back means the daemon restarted."""
 
     def __init__(
         self,
@@ -195,6 +204,9 @@ class VerdictSubscriber:
     ):
         self.cameras = None if cameras is None else set(cameras)
         self.maps = maps
+        self.missed = 0
+        self.missed_by_camera: dict[str, int] = {}
+        self._last_seq: dict[str, int] = {}
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
@@ -231,7 +243,19 @@ class VerdictSubscriber:
             if topic.endswith("/map"):
                 arr = np.frombuffer(body["data"], dtype=body["dtype"]).reshape(body["shape"])
                 return AnomalyMap(topic[:-4], body["frame_id"], arr)
-            return Verdict.from_record(body)
+            verdict = Verdict.from_record(body)
+            self._count_gap(verdict)
+            return verdict
+
+    def _count_gap(self, verdict: Verdict) -> None:
+        if not isinstance(verdict.seq, int):
+            return  # a daemon without sequence numbers
+        last = self._last_seq.get(verdict.camera_id)
+        self._last_seq[verdict.camera_id] = verdict.seq
+        if last is not None and verdict.seq > last + 1:
+            gap = verdict.seq - last - 1
+            self.missed += gap
+            self.missed_by_camera[verdict.camera_id] = self.missed_by_camera.get(verdict.camera_id, 0) + gap
 
     def __iter__(self) -> Iterator[Verdict | AnomalyMap]:
         while True:
