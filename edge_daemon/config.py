@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "config_from_mapping",
     "camera_inspection_mapping",
+    "check_key_permissions",
 ]
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -330,7 +331,27 @@ def _curve(data: dict) -> CurveSettings | None:
         _fail("curve.server_secret", f"file {out.server_secret} does not exist")
     if not Path(out.clients_dir).is_dir():
         _fail("curve.clients_dir", f"directory {out.clients_dir} does not exist")
+    check_key_permissions(out)
     return out
+
+
+def check_key_permissions(curve: CurveSettings) -> None:
+    """Refuse keys others could read (the secret key) or change (the allow-list): ConfigError names them."""
+    mode = Path(curve.server_secret).stat().st_mode & 0o777
+    if mode & 0o077:
+        _fail(
+            "curve.server_secret",
+            f"secret key file {curve.server_secret} has mode {mode:04o}: readable or writable by group or "
+            f"others; run chmod 600 on it",
+        )
+    paths = [Path(curve.clients_dir), *sorted(Path(curve.clients_dir).glob("*.key"))]
+    for path in paths:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o022:
+            _fail(
+                "curve.clients_dir",
+                f"{path} has mode {mode:04o}: writable by group or others, anyone could add a client key",
+            )
 
 
 TOP_KEYS = (
