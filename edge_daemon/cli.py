@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args) -> int:
     from engines.bundle import BundleError, read_bundle
 
-    from .worker import inspect_configs
+    from .worker import check_tiling, inspect_configs
 
     try:
         cfg = load_config(args.config, bundle=args.bundle)
         meta = read_bundle(cfg.engine.bundle)
-        inspect_configs(cfg)
+        check_tiling(inspect_configs(cfg), meta)
     except (ConfigError, BundleError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -107,12 +107,12 @@ class Supervisor:
     def start(self) -> None:
         from engines.bundle import read_bundle
 
-        from .worker import inspect_configs
+        from .worker import check_tiling, inspect_configs
 
         self._prepare_runtime()
-        meta = read_bundle(self.cfg.engine.bundle)
-        try:
-            inspect_configs(self.cfg)
+        try:  # a missing or tampered bundle (sha256 mismatch) or an impossible tiling: exit 2, no children
+            meta = read_bundle(self.cfg.engine.bundle)
+            check_tiling(inspect_configs(self.cfg), meta)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.ring = SlotRing.create(self.cfg.instance, self.cfg.queue.slots, self.cfg.max_frame.nbytes)

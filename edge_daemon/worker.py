@@ -24,7 +24,7 @@ from .protocol import make_record
 from .shm import SlotRing
 from .transport import close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
 
-__all__ = ["CountingEngine", "Worker", "run_worker", "downscale_map", "inspect_configs"]
+__all__ = ["CountingEngine", "Worker", "run_worker", "downscale_map", "inspect_configs", "check_tiling"]
 
 
 class CountingEngine:
@@ -63,6 +63,19 @@ def inspect_configs(cfg: DaemonConfig) -> dict:
             camera_inspection_mapping(cfg, cam.id), f"cameras[{i}]+inspection"
         )
     return out
+
+
+def check_tiling(configs: dict, meta) -> None:
+    """Refuse tile overlaps the bundle's tile size and stride cannot give (every frame would fail)."""
+    tile, stride = min(meta.input.height, meta.input.width), meta.map.stride
+    for camera, config in configs.items():
+        if not 0 <= config.tile_overlap <= tile - stride:
+            where = "inspection" if camera is None else f"camera {camera}"
+            raise ValueError(
+                f"{where}: tile_overlap {config.tile_overlap} is impossible with the bundle's "
+                f"{meta.input.height}x{meta.input.width} tiles at stride {stride}: "
+                f"must be in 0..{tile - stride}"
+            )
 
 
 def downscale_map(anomaly_map: np.ndarray, factor: int) -> np.ndarray:
