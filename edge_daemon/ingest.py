@@ -299,7 +299,7 @@ class Ingest:
     def _attach(self, sock: zmq.Socket, endpoint: str, bind: bool) -> None:
         if self.curve is not None:
             self.curve.secure(sock)
-        if sock.socket_type == zmq.SUB:
+        if sock.type == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.bind(endpoint) if bind else sock.connect(endpoint)
 
@@ -525,10 +525,10 @@ class Ingest:
                     parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if sock.socket_type == zmq.REP:
+                if sock.type == zmq.REP:
                     sock.send(b"OK")
                 self.on_message(parts, imagezmq)
-                if sock.socket_type == zmq.REP:
+                if sock.type == zmq.REP:
                     break  # REP: one request at a time; poll again
 
     def run(self, should_exit) -> None:

@@ -4,6 +4,7 @@ discipline (linger 0, timeouts, bounded waits)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,20 @@ import yaml
 from edge_daemon.shm import cleanup_stale
 from edge_daemon.transport import free_tcp_port
 
-__all__ = ["daemon_config", "DaemonProcess", "scrape", "wait_until", "parse_metrics"]
+__all__ = [
+    "daemon_config",
+    "DaemonProcess",
+    "scrape",
+    "wait_until",
+    "parse_metrics",
+    "metric_sum",
+    "collect",
+    "handshake",
+    "child_pids",
+    "rss_bytes",
+    "stopped_fields",
+    "accounting",
+]
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
@@ -90,13 +104,20 @@ def metric_sum(metrics: dict[str, float], name: str) -> float:
 class DaemonProcess:
     """``python -m edge_daemon run`` in a subprocess with its logs in a file; always killed at exit."""
 
-    def __init__(self, config: Path, log_path: Path, extra_env: dict | None = None, instance: str = ""):
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        extra_env: dict | None = None,
+        instance: str = "",
+        args: tuple[str, ...] = (),
+    ):
         self.log_path = log_path
         self.instance = instance
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_daemon", "run", "--config", str(config)],
+            [sys.executable, "-m", "edge_daemon", "run", "--config", str(config), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -128,3 +149,56 @@ class DaemonProcess:
             if self.instance:
                 cleanup_stale(self.instance)
         self._log.close()
+
+
+def collect(sub, n: int, timeout_s: float, until=None) -> list:
+    """Up to ``n`` items from a VerdictSubscriber within ``timeout_s`` (stops early when ``until(items)``)."""
+    out, deadline = [], time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        item = sub.recv(0.1)
+        if item is not None:
+            out.append(item)
+            if until is not None and until(out):
+                break
+    return out
+
+
+def handshake(pub, sub, frame, timeout_s: float = 20.0) -> tuple[list, list]:
+    """Send probe frames until one comes back (subscription live, no sleeps); (records, probe ids)."""
+    got, probes, deadline = [], [], time.monotonic() + timeout_s
+    while not got and time.monotonic() < deadline:
+        probes.append(pub.send(frame))
+        got = collect(sub, 1, 0.3)
+    if not got:
+        raise TimeoutError("no record for probe frames: subscription never became live")
+    return got, probes
+
+
+def child_pids(logs: str) -> dict[tuple[str, int, int], int]:
+    """(role, index, gen) -> pid, from the supervisor's child.started log lines."""
+    found = re.findall(r"event=child.started role=(\w+) index=(\d+) gen=(\d+) pid=(\d+)", logs)
+    return {(role, int(i), int(g)): int(pid) for role, i, g, pid in found}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def stopped_fields(logs: str) -> dict[str, str]:
+    """key=value fields of the supervisor's daemon.stopped line."""
+    line = next(ln for ln in logs.splitlines() if "event=daemon.stopped" in ln)
+    return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+
+
+def accounting(port: int) -> dict[str, float]:
+    """Totals of the accounting counters from /metrics."""
+    m = parse_metrics(scrape(port)[1])
+    names = ("received", "answered", "failed", "dropped")
+    return {n: metric_sum(m, f"edge_frames_{n}_total") for n in names} | {"_raw": m}
