@@ -63,6 +63,7 @@ class Endpoints:
     output: str = "tcp://*:5556"
     metrics_port: int | None = 9100  # None: no HTTP metrics
     metrics_host: str = "127.0.0.1"
+    output_hwm: int = 10000  # records queued per subscriber; a slower one loses records past it (seq gap)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ def _endpoints(data: dict) -> Endpoints:
         output=_str(sec, "output", w, "tcp://*:5556"),
         metrics_port=port,
         metrics_host=_str(sec, "metrics_host", w, "127.0.0.1"),
+        output_hwm=_int(sec, "output_hwm", w, 10000, 1),
     )
     for key in ("ingest", "imagezmq", "output"):
         value = getattr(out, key)

@@ -85,6 +85,7 @@ def _copy_to_slot(img: np.ndarray, color: str, out: np.ndarray) -> None:
 
 
 MAX_IMAGEZMQ_CAMERAS = 1024
+STOP_DRAIN_LIMIT = 4096  # messages taken from the external sockets' buffers when a stop arrives
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the image size
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -474,10 +475,14 @@ class Ingest:
 
     # ---- shutdown ---------------------------------------------------------------------------------------
     def _stop_receiving(self) -> None:
-        for sock in (self.frames, self.izmq):
+        """Stop taking frames. Messages already inside our sockets' buffers are taken first (each gets its
+        record); what a camera still holds in its own queue stays there for the next daemon."""
+        taken = 0
+        for sock, imagezmq in ((self.frames, False), (self.izmq, True)):
             if sock is not None and not sock.closed:
+                taken += self._receive(sock, imagezmq, STOP_DRAIN_LIMIT)
                 close_socket(sock)
-        log(self.logger, "ingest.stopping", queued=len(self.queue), inflight=self.n_inflight)
+        log(self.logger, "ingest.stopping", queued=len(self.queue), inflight=self.n_inflight, taken=taken)
 
     @property
     def n_inflight(self) -> int:
@@ -518,18 +523,20 @@ class Ingest:
                 except zmq.Again:
                     break
         for sock, imagezmq in ((self.frames, False), (self.izmq, True)):
-            if sock is None or sock.closed or sock not in events:
-                continue
-            for _ in range(64):
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if sock.type == zmq.REP:
-                    sock.send(b"OK")
-                self.on_message(parts, imagezmq)
-                if sock.type == zmq.REP:
-                    break  # REP: one request at a time; poll again
+            if sock is not None and not sock.closed and sock in events:
+                self._receive(sock, imagezmq, 64)
+
+    def _receive(self, sock: zmq.Socket, imagezmq: bool, limit: int) -> int:
+        """Take up to ``limit`` waiting messages from an external socket; returns how many."""
+        for n in range(limit):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            if sock.type == zmq.REP:
+                sock.send(b"OK")
+            self.on_message(parts, imagezmq)
+        return limit
 
     def run(self, should_exit) -> None:
         last_stats = 0.0

@@ -48,7 +48,7 @@ class Publisher:
             self.curve = CurveServer(ctx, cfg.curve.server_secret, cfg.curve.clients_dir)
         self.inp = make_socket(ctx, zmq.PULL)
         self.inp.bind(ipc_endpoint(cfg.runtime_path, "publisher.ipc"))
-        self.out = make_socket(ctx, zmq.PUB, sndhwm=10000)
+        self.out = make_socket(ctx, zmq.PUB, sndhwm=cfg.endpoints.output_hwm)
         if self.curve is not None:
             self.curve.secure(self.out)
         self.out.bind(cfg.endpoints.output)
