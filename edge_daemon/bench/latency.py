@@ -1,0 +1,441 @@
+"""`edge-bench latency`: end-to-end latency and throughput of the real daemon under open-loop load.
+
+    edge-bench latency --config configs/demo.yaml --cameras 2 --fps 5 --resolution 2048x2048 \\
+        --encoding raw --duration 10 [--json out.json] [--png out.png]
+    edge-bench latency --config C --sweep --budget-ms 500 ...     # raise the rate until p99 > budget
+    edge-bench latency --config C --attach ...                    # a daemon already running with config C
+
+Without ``--attach`` the daemon is started from a copy of the config (loopback endpoints on free ports, a
+unique instance, max_frame at least the frame, the benchmark's cameras; engine, workers, queue and
+inspection unchanged) and stopped at the end (SIGTERM, wait, SIGKILL). Each camera is its own process
+(spawn) sending synthetic mono8 frames at ``--fps`` on an absolute schedule (loadgen.py); one subscriber
+in this process timestamps every record on receipt.
+
+Latency = subscriber receipt - capture stamp (both ``time.time_ns()`` on this machine). Reported per run:
+p50/p90/p99/p99.9/max, throughput (verdicts per second while the load ran), sent / refused / answered /
+errors / drops / unanswered (no record after the grace period), the per-stage times the workers put in
+every verdict (queue, tile, infer, fuse, verdict, total), and ``outside`` = latency - total (transport in,
+ingest, publisher, transport out).
+
+Engine ceiling, measured in this process while the daemon is idle (before the load): the same bundle,
+backend, threads and max_batch through ``edge_daemon.pipeline`` on one frame of the benchmark size,
+back to back: tiling + engine (the ceiling) and the whole in-process pipeline (tiling, engine, fusion,
+verdict). The ratio is daemon throughput / (ceiling x workers); it means "efficiency" only when the
+daemon is saturated (offered rate above what it answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .loadgen import (
+    CameraPlan,
+    CameraReport,
+    DaemonProcess,
+    Receipt,
+    VerdictCollector,
+    bench_config,
+    handshake,
+    latency_stats,
+    local_endpoint,
+    run_cameras,
+    synthetic_frames,
+)
+
+__all__ = ["add_parser", "run", "run_benchmark", "step_stats", "stage_stats", "find_knee", "sweep_rates",
+           "measure_ceiling", "parse_resolution", "STEP_ID_STRIDE"]
+
+STEP_ID_STRIDE = 10_000_000  # frame ids of sweep step k start at k * STEP_ID_STRIDE
+STAGES = ("queue", "tile", "infer", "fuse", "verdict", "total")
+
+
+# ---- pure functions ----------------------------------------------------------------------------------------
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'2048x2048' -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"resolution must be WxH, e.g. 2048x2048, got {text!r}") from exc
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {text!r}")
+    return w, h
+
+
+def stage_stats(receipts: list[Receipt]) -> dict[str, dict[str, float | None]]:
+    """p50/p99/max per stage from the verdicts' timings, plus ``outside`` = latency - total."""
+    out = {}
+    for stage in STAGES:
+        values = [r.timings_ms[stage] for r in receipts if stage in r.timings_ms]
+        if values:
+            s = latency_stats(values)
+            out[stage] = {"p50": s["p50"], "p99": s["p99"], "max": s["max"], "mean": s["mean"]}
+    outside = [r.latency_ms - r.timings_ms["total"] for r in receipts
+               if "total" in r.timings_ms and r.latency_ms is not None]
+    if outside:
+        s = latency_stats(outside)
+        out["outside"] = {"p50": s["p50"], "p99": s["p99"], "max": s["max"], "mean": s["mean"]}
+    return out
+
+
+def step_stats(reports: list[CameraReport], receipts: list[Receipt], fps: float, duration_s: float) -> dict:
+    """Accounting and latency of one load step. Only records of frames the cameras sent count; a frame
+    with no record is unanswered, a second record for a frame is a duplicate."""
+    sent = {(r.camera_id, fid) for r in reports for fid in r.sent}
+    seen: dict[tuple[str, int], Receipt] = {}
+    duplicates = 0
+    for rec in receipts:
+        key = (rec.camera_id, rec.frame_id)
+        if key not in sent:
+            continue
+        if key in seen:
+            duplicates += 1
+        else:
+            seen[key] = rec
+    got = list(seen.values())
+    verdicts = [r for r in got if r.kind == "verdict"]
+    kinds = {k: sum(r.kind == k for r in got) for k in ("verdict", "error", "drop")}
+    window_s = None
+    if verdicts:
+        first = min(r.capture_ns for r in got if r.capture_ns is not None)
+        window_s = max(1e-9, (max(r.recv_ns for r in verdicts) - first) / 1e9)
+    return {
+        "cameras": len(reports),
+        "fps_per_camera": fps,
+        "offered_fps": fps * len(reports),
+        "duration_s": duration_s,
+        "sent": len(sent),
+        "refused": sum(len(r.refused) for r in reports),
+        "answered": kinds["verdict"],
+        "errors": kinds["error"],
+        "drops": kinds["drop"],
+        "unanswered": len(sent) - len(seen),
+        "duplicates": duplicates,
+        "throughput_fps": None if window_s is None else kinds["verdict"] / window_s,
+        "latency_ms": latency_stats(r.latency_ms for r in verdicts),
+        "stages_ms": stage_stats(verdicts),
+        "camera_late_ms_max": max((r.late_ms_max for r in reports), default=0.0),
+        "camera_errors": [f"{r.camera_id}: {r.error}" for r in reports if r.error],
+        "error_reasons": sorted({r.reason for r in got if r.kind == "error"})[:5],
+    }
+
+
+def sweep_rates(start_fps: float, factor: float, steps: int) -> list[float]:
+    """Geometric rates per camera: start, start * factor, ... (``steps`` of them)."""
+    if start_fps <= 0 or factor <= 1 or steps < 1:
+        raise ValueError(f"sweep needs start > 0, factor > 1, steps >= 1; got {start_fps}, {factor}, {steps}")
+    return [start_fps * factor**i for i in range(steps)]
+
+
+def within_budget(step: dict, budget_ms: float) -> bool:
+    p99 = step["latency_ms"]["p99"]
+    lost = step["drops"] + step["errors"] + step["unanswered"] + step["refused"]
+    return p99 is not None and p99 <= budget_ms and lost == 0
+
+
+def find_knee(steps: list[dict], budget_ms: float) -> dict:
+    """The highest offered rate whose p99 stays within the budget with nothing lost (before the first step
+    that breaks it), and the first step that breaks it."""
+    knee, broke = None, None
+    for step in steps:
+        if within_budget(step, budget_ms):
+            knee = step
+        else:
+            broke = step
+            break
+    return {"budget_ms": budget_ms,
+            "knee_offered_fps": None if knee is None else knee["offered_fps"],
+            "knee_throughput_fps": None if knee is None else knee["throughput_fps"],
+            "knee_p99_ms": None if knee is None else knee["latency_ms"]["p99"],
+            "first_over_offered_fps": None if broke is None else broke["offered_fps"]}
+
+
+# ---- engine ceiling ----------------------------------------------------------------------------------------
+
+
+def measure_ceiling(cfg, frame: np.ndarray, seconds: float = 5.0, min_frames: int = 3) -> dict:
+    """Frames/s of tiling + engine (the ceiling) and of the whole in-process pipeline, one frame at a time,
+    with the daemon's engine settings (``cfg``: DaemonConfig) and its default inspection config."""
+    from edge_daemon.pipeline import finish_frame, infer_all, model_geometry, prepare_frame
+    from edge_daemon.worker import inspect_configs
+    from engines.registry import open_engine
+
+    e = cfg.engine
+    engine = open_engine(e.bundle, backend=e.backend, device=e.device, precision=e.precision,
+                         streams=e.streams, max_batch=e.max_batch, threads=e.threads, cache_dir=e.cache_dir)
+    try:
+        engine.warmup()
+        config = inspect_configs(cfg)[None]
+        geom = model_geometry(engine)
+        rows: list[tuple[float, float, float, int]] = []  # tile, infer, total ms, tiles
+        start = time.perf_counter()
+        for i in range(10**6):
+            t0 = time.perf_counter()
+            prepared = prepare_frame(frame, geom, config)
+            t1 = time.perf_counter()
+            maps = infer_all(engine, prepared.tiles)
+            t2 = time.perf_counter()
+            finish_frame(prepared, maps, geom, config, (t2 - t1) * 1e3)
+            t3 = time.perf_counter()
+            if i > 0:  # the first frame warms caches
+                rows.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t0) * 1e3, len(prepared.tiles)))
+            if len(rows) >= min_frames and time.perf_counter() - start >= seconds:
+                break
+    finally:
+        engine.close()
+    tile, infer, total, tiles = (np.array(c) for c in zip(*rows, strict=True))
+    return {
+        "backend": engine.backend, "device": engine.device, "threads": e.threads, "max_batch": e.max_batch,
+        "frames": len(rows), "tiles_per_frame": int(tiles[0]),
+        "ceiling_fps": 1e3 / float(np.mean(tile + infer)),
+        "pipeline_fps": 1e3 / float(np.mean(total)),
+        "tile_infer_ms": latency_stats(tile + infer),
+        "infer_ms": latency_stats(infer),
+        "pipeline_ms": latency_stats(total),
+    }
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+
+
+def _load_target(args, workdir: Path):
+    """(DaemonConfig, mapping path or None for --attach, mapping)."""
+    import yaml
+
+    from edge_daemon.config import config_from_mapping, load_config
+
+    if args.attach:
+        return load_config(args.config, bundle=args.bundle), None, None
+    base = yaml.safe_load(Path(args.config).read_text())
+    if not isinstance(base, dict):
+        raise ValueError(f"{args.config}: not a YAML mapping")
+    cams = [f"cam{i}" for i in range(args.cameras)]
+    path, data = bench_config(base, workdir, cams, args.resolution, 1, bundle=args.bundle,
+                              base_dir=Path(args.config).resolve().parent)
+    return config_from_mapping(data), path, data
+
+
+def _run_step(k: int, fps: float, args, ingest: str, collector: VerdictCollector, say) -> dict:
+    n = max(1, int(round(args.duration * fps)))
+    plans = [CameraPlan(f"cam{i}", ingest, fps, n, 0.0, args.encoding, args.resolution[0],
+                        args.resolution[1], first_frame_id=k * STEP_ID_STRIDE, seed=i, hwm=args.hwm)
+             for i in range(args.cameras)]
+    reports = run_cameras(plans, timeout_s=args.duration + 60.0)
+    failed = [r for r in reports if r.error]
+    if failed:
+        raise RuntimeError(f"camera {failed[0].camera_id} failed: {failed[0].error}")
+    sent = {(r.camera_id, fid) for r in reports for fid in r.sent}
+
+    def complete(receipts):
+        return sent <= {(r.camera_id, r.frame_id) for r in receipts}
+
+    collector.wait_for(complete, args.grace)
+    step = step_stats(reports, collector.snapshot(), fps, args.duration)
+    say(_step_line(step))
+    step["samples"] = _samples(reports, collector.snapshot())
+    return step
+
+
+def _samples(reports, receipts) -> list[list]:
+    """(capture s from the first capture, latency ms, kind) per record of this step, for the plot."""
+    sent = {(r.camera_id, fid) for r in reports for fid in r.sent}
+    mine = [r for r in receipts if (r.camera_id, r.frame_id) in sent and r.capture_ns is not None]
+    if not mine:
+        return []
+    t0 = min(r.capture_ns for r in mine)
+    return [[(r.capture_ns - t0) / 1e9, r.latency_ms, r.kind] for r in mine]
+
+
+def run_benchmark(args, say=print) -> dict:
+    """Start (or attach to) the daemon, measure the ceiling, run the load step(s); the result dict."""
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-bench-latency-"))
+    cfg, path, data = _load_target(args, workdir)
+    frame = synthetic_frames(*args.resolution, count=1, seed=99)[0]
+    daemon = None
+    result: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "workers": cfg.workers}
+    collector = None
+    try:
+        if path is not None:
+            daemon = DaemonProcess(path, workdir / "daemon.log", data["endpoints"]["metrics_port"])
+            result["daemon_ready_s"] = daemon.wait_ready(120.0)
+        ingest, output = local_endpoint(cfg.endpoints.ingest), local_endpoint(cfg.endpoints.output)
+        if not args.no_ceiling:
+            say(f"engine ceiling: {cfg.engine.backend}, {args.resolution[0]}x{args.resolution[1]} mono8 ...")
+            result["ceiling"] = measure_ceiling(cfg, frame, args.ceiling_seconds)
+            say(_ceiling_line(result["ceiling"]))
+        collector = VerdictCollector(output).start()
+        handshake(ingest, collector, frame, timeout_s=120.0)
+        rates = (sweep_rates(args.fps, args.step_factor, args.max_steps) if args.sweep else [args.fps])
+        say(_HEADER)
+        steps = []
+        for k, fps in enumerate(rates, start=1):
+            steps.append(_run_step(k, fps, args, ingest, collector, say))
+            if args.sweep and not within_budget(steps[-1], args.budget_ms):
+                break
+        result["steps"] = steps
+        if args.sweep:
+            result["knee"] = find_knee(steps, args.budget_ms)
+    finally:
+        if collector is not None:
+            collector.close()
+        if daemon is not None:
+            result["daemon_exit_code"] = daemon.stop()
+    _add_ratios(result)
+    return result
+
+
+def _add_ratios(result: dict) -> None:
+    ceiling = result.get("ceiling")
+    for step in result.get("steps", []):
+        if ceiling and step["throughput_fps"]:
+            step["ratio_to_ceiling"] = step["throughput_fps"] / (ceiling["ceiling_fps"] * result["workers"])
+            p99, own = step["latency_ms"]["p99"], ceiling["pipeline_ms"]["p99"]
+            step["added_p99_ms"] = None if p99 is None else p99 - own
+        step["saturated"] = bool(step["drops"] or (step["throughput_fps"] or 0) < 0.95 * step["offered_fps"])
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+_HEADER = (f"{'offered/s':>9} {'sent':>6} {'answ':>6} {'drop':>5} {'err':>4} {'unans':>5} {'refus':>5} "
+           f"{'thru/s':>7} {'p50':>8} {'p90':>8} {'p99':>8} {'p99.9':>8} {'max':>8}  (latency ms)")
+
+
+def _f(x, spec: str = "8.1f") -> str:
+    return f"{'-':>{spec.split('.')[0]}}" if x is None else format(x, spec)
+
+
+def _step_line(s: dict) -> str:
+    lat = s["latency_ms"]
+    return (f"{s['offered_fps']:9.2f} {s['sent']:6d} {s['answered']:6d} {s['drops']:5d} {s['errors']:4d} "
+            f"{s['unanswered']:5d} {s['refused']:5d} {_f(s['throughput_fps'], '7.2f')} {_f(lat['p50'])} "
+            f"{_f(lat['p90'])} {_f(lat['p99'])} {_f(lat['p99.9'])} {_f(lat['max'])}")
+
+
+def _ceiling_line(c: dict) -> str:
+    return (f"  tiles/frame {c['tiles_per_frame']}, tiling+engine {c['tile_infer_ms']['p50']:.1f} ms p50 "
+            f"-> ceiling {c['ceiling_fps']:.2f} frames/s; whole pipeline in-process "
+            f"{c['pipeline_ms']['p50']:.1f} ms p50 / {c['pipeline_ms']['p99']:.1f} ms p99 "
+            f"({c['pipeline_fps']:.2f} frames/s), {c['frames']} frames")
+
+
+def format_result(result: dict) -> str:
+    lines = []
+    for s in result.get("steps", []):
+        lines.append(f"offered {s['offered_fps']:.2f}/s: stages ms (p50 / p99): " + ", ".join(
+            f"{k} {_f(v['p50'], '.1f')} / {_f(v['p99'], '.1f')}" for k, v in s["stages_ms"].items()))
+        extra = []
+        if "ratio_to_ceiling" in s:
+            extra.append(f"daemon/ceiling {100 * s['ratio_to_ceiling']:.0f} %"
+                         f"{' (saturated)' if s['saturated'] else ' (not saturated)'}")
+        if s.get("added_p99_ms") is not None:
+            extra.append(f"p99 over in-process pipeline p99: {s['added_p99_ms']:+.1f} ms")
+        extra.append(f"camera lateness max {s['camera_late_ms_max']:.1f} ms")
+        if s["duplicates"]:
+            extra.append(f"duplicates {s['duplicates']}")
+        lines.append("  " + "; ".join(extra))
+        for reason in s["error_reasons"]:
+            lines.append(f"  error: {reason}")
+    if "knee" in result:
+        k = result["knee"]
+        lines.append(f"knee (p99 <= {k['budget_ms']:g} ms, nothing lost): offered "
+                     f"{_f(k['knee_offered_fps'], '.2f')}/s, throughput "
+                     f"{_f(k['knee_throughput_fps'], '.2f')}/s, p99 {_f(k['knee_p99_ms'], '.1f')} ms; "
+                     f"first over: {_f(k['first_over_offered_fps'], '.2f')}/s")
+    return "\n".join(lines)
+
+
+def write_png(result: dict, path: Path) -> Path:
+    """Latency CDF per step and the latency timeline (drops and errors marked at their capture time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_cdf, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in result.get("steps", []):
+        lat = np.sort([x[1] for x in s["samples"] if x[2] == "verdict"])
+        if lat.size:
+            ax_cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{s['offered_fps']:.1f} frames/s")
+    ax_cdf.set_xlabel("latency ms (capture -> verdict received)")
+    ax_cdf.set_ylabel("fraction of frames")
+    ax_cdf.set_xscale("log")
+    ax_cdf.grid(True, which="both", alpha=0.3)
+    ax_cdf.legend(fontsize=8)
+    ax_cdf.set_title("latency CDF")
+    last = result["steps"][-1] if result.get("steps") else {"samples": [], "offered_fps": 0}
+    for kind, marker, color in (("verdict", ".", "tab:blue"), ("drop", "x", "tab:red"),
+                                ("error", "x", "tab:orange")):
+        pts = [(x[0], x[1]) for x in last["samples"] if x[2] == kind]
+        if pts:
+            t, v = zip(*pts, strict=True)
+            ax_time.scatter(t, v, s=8, marker=marker, color=color, label=f"{kind} ({len(pts)})")
+    ax_time.set_xlabel("capture time s")
+    ax_time.set_ylabel("latency ms")
+    ax_time.set_title(f"timeline at {last['offered_fps']:.1f} frames/s offered")
+    ax_time.grid(True, alpha=0.3)
+    ax_time.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    try:
+        result = run_benchmark(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"edge-bench latency: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_result(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        print(f"json: {args.json}")
+    if args.png:
+        print(f"png: {write_png(result, Path(args.png))}")
+    lost = sum(s["unanswered"] + len(s["camera_errors"]) for s in result.get("steps", []))
+    return 0 if lost == 0 and result.get("steps") else 1
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("latency", help="end-to-end latency of the daemon under open-loop load",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="daemon YAML config")
+    p.add_argument("--bundle", help="model bundle; overrides engine.bundle")
+    p.add_argument("--attach", action="store_true", help="use a daemon already running with --config")
+    p.add_argument("--cameras", type=int, default=1, help="camera processes (default 1)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames/s per camera (sweep: the first rate)")
+    p.add_argument("--resolution", type=parse_resolution, default=(2048, 2048), help="WxH (2048x2048)")
+    p.add_argument("--encoding", choices=("raw", "jpeg"), default="raw", help="mono8 raw or JPEG q90")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per step (10)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to wait for the last records (30)")
+    p.add_argument("--hwm", type=int, default=16, help="camera PUSH high-water mark (16)")
+    p.add_argument("--sweep", action="store_true", help="raise the rate until p99 > --budget-ms")
+    p.add_argument("--budget-ms", type=float, default=1000.0, help="p99 budget of the sweep (1000)")
+    p.add_argument("--step-factor", type=float, default=1.4, help="rate factor between sweep steps (1.4)")
+    p.add_argument("--max-steps", type=int, default=8, help="sweep steps at most (8)")
+    p.add_argument("--ceiling-seconds", type=float, default=5.0, help="time spent on the ceiling (5)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the engine ceiling")
+    p.add_argument("--workdir", help="config copy and daemon log (default: a new temp folder)")
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--png", help="write the latency CDF and timeline here")
+    p.set_defaults(func=run)
+    return p
