@@ -460,7 +460,7 @@ def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
         optimizer.step()
         history.append(float(loss.detach()))
         for name, value in terms.items():
-            parts.setdefault(name, []).append(float(value))
+            parts.setdefault(name, []).append(float(value.detach()))
         _report(progress, step + 1, config.steps, config, {"loss": history[-1]})
         every = config.checkpoint_every
         if config.checkpoint_path and every and (step + 1) % every == 0:

@@ -18,7 +18,9 @@ __all__ = ["quantile", "hard_feature_loss", "ae_loss", "student_ae_loss", "penal
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """q-quantile of all elements of x (linear interpolation, like torch.quantile), for any size.
 
-    torch.quantile refuses inputs over 2**24 elements; this uses kthvalue on the flattened tensor.
+    torch.quantile refuses inputs over 2**24 elements. This reads the one or two order statistics it needs
+    with ``topk`` on the shorter tail of the flattened tensor
+    (kthvalue can take quadratic time on sorted input).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile q must be in [0, 1], got {q}")
@@ -27,13 +29,16 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     if n == 0:
         raise ValueError("quantile of an empty tensor")
     pos = q * (n - 1)
-    lo = int(pos)
+    lo = min(int(pos), n - 1)
+    hi = min(lo + 1, n - 1)
     frac = pos - lo
-    lo_val = flat.kthvalue(lo + 1).values
-    if frac == 0.0 or lo + 1 >= n:
-        return lo_val
-    hi_val = flat.kthvalue(lo + 2).values
-    return lo_val + (hi_val - lo_val) * frac
+    if lo < n - 1 - lo:  # lower tail: the (hi + 1) smallest, ascending
+        values = flat.topk(hi + 1, largest=False, sorted=True).values
+        lo_val, hi_val = values[lo], values[hi]
+    else:  # upper tail: the (n - lo) largest, descending
+        values = flat.topk(n - lo, largest=True, sorted=True).values
+        lo_val, hi_val = values[n - 1 - lo], values[n - 1 - hi]
+    return lo_val if frac == 0.0 else lo_val + (hi_val - lo_val) * frac
 
 
 def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, q: float = 0.999) -> torch.Tensor:
