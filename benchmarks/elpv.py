@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EfficientAD teacher distillation steps when no --teacher is given (10000)")
     p.add_argument("--teacher", metavar="CKPT", help="pretrained EfficientAD-S teacher (pretrain-teacher)")
     p.add_argument("--tile", type=int, default=256, help="training crop size (default 256)")
+    p.add_argument("--resize", type=int, metavar="N",
+                   help="resize cells to N x N (256: one tile per cell)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
     p.add_argument("--limit", type=int, help="cells per type (quick runs)")
     p.add_argument("--batch-size", type=int, default=1, help="training batch size (default 1)")
@@ -47,6 +49,8 @@ def _train_args(args, kind: str, size: str, cell_type: str, out: Path) -> argpar
             "--teacher-steps", str(args.teacher_steps), "--out", str(out)]
     if args.limit:
         argv += ["--limit", str(args.limit)]
+    if args.resize:
+        argv += ["--resize", str(args.resize)]
     if args.teacher and kind == "efficientad" and size == "s":
         argv += ["--teacher", args.teacher]
     return trainer_parser().parse_args(argv)

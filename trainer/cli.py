@@ -35,7 +35,8 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--folder", metavar="DIR", help="folder of good images (train/validation only, no test)")
     src.add_argument("--elpv", choices=("mono", "poly"), help="ELPV solar cells of this type (elpv-dataset)")
     g.add_argument("--category", help="MVTec category, e.g. bottle")
-    g.add_argument("--resize", type=int, metavar="N", help="resize MVTec/folder images to N x N first")
+    g.add_argument("--resize", type=int, metavar="N",
+                   help="resize images (MVTec, folder, ELPV) to N x N first")
     g.add_argument("--val-fraction", type=float, default=None,
                    help="share of good images held out for calibration (MVTec/folder 0.1, ELPV 0.15)")
     g.add_argument("--limit", type=int, help="load at most this many images (quick runs and tests)")
@@ -139,7 +140,7 @@ def load_data(args):
                           **val)
     if args.folder:
         return load_folder(args.folder, seed=args.seed, resize_to=args.resize, limit=args.limit, **val)
-    return load_elpv(args.elpv, seed=args.seed, limit=args.limit, **val)
+    return load_elpv(args.elpv, seed=args.seed, limit=args.limit, resize_to=args.resize, **val)
 
 
 def parse_options(items: list[str]) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from . import GOOD, DataSplits, EvalSet
@@ -55,12 +56,16 @@ def _all_images() -> np.ndarray:
     return images
 
 
-def _images(indices: np.ndarray, limited: bool) -> list[np.ndarray]:
+def _images(indices: np.ndarray, limited: bool, resize_to: int | None = None) -> list[np.ndarray]:
     if not limited:
         all_images = _all_images()
-        return [all_images[i][:, :, None] for i in indices]
-    paths = elpv_labels()[0]
-    return [read_image(_data_dir() / paths[i], channels=1) for i in indices]
+        images = [all_images[i][:, :, None] for i in indices]
+    else:
+        paths = elpv_labels()[0]
+        images = [read_image(_data_dir() / paths[i], channels=1) for i in indices]
+    if resize_to is None:
+        return images
+    return [cv2.resize(im, (resize_to, resize_to), interpolation=cv2.INTER_AREA)[:, :, None] for im in images]
 
 
 def _type_indices(cell_type: str, limit: int | None, seed: int) -> np.ndarray:
@@ -75,8 +80,8 @@ def _type_indices(cell_type: str, limit: int | None, seed: int) -> np.ndarray:
 
 
 def load_elpv(cell_type: str, seed: int = 0, val_fraction: float = 0.15, test_good_fraction: float = 0.25,
-              limit: int | None = None) -> DataSplits:
-    """The documented split of one cell type (see the module docstring)."""
+              limit: int | None = None, resize_to: int | None = None) -> DataSplits:
+    """The documented split of one cell type (see the module docstring); resize_to N scales cells to N x N."""
     indices = _type_indices(cell_type, limit, seed)
     levels = np.rint(elpv_labels()[1][indices] * 3).astype(int)  # 0, 1, 2, 3
     good = indices[levels == 0]
@@ -94,12 +99,14 @@ def load_elpv(cell_type: str, seed: int = 0, val_fraction: float = 0.15, test_go
         raise DataError(f"ELPV {cell_type}: no defective cells in the selection; raise limit")
     limited = limit is not None
     paths = elpv_labels()[0]
-    test = EvalSet(images=_images(test_idx, limited), labels=np.array([int(g != GOOD) for g in groups]),
+    test = EvalSet(images=_images(test_idx, limited, resize_to),
+                   labels=np.array([int(g != GOOD) for g in groups]),
                    groups=groups, names=tuple(Path(paths[i]).name for i in test_idx),
                    separate_groups=tuple(UNCERTAIN.values()))
     info = {"source": "elpv", "type": cell_type, "seed": seed, "val_fraction": val_fraction,
-            "test_good_fraction": test_good_fraction, "limit": limit, "n_train": len(train_idx),
+            "test_good_fraction": test_good_fraction, "limit": limit, "resize_to": resize_to,
+            "n_train": len(train_idx),
             "n_val": len(val_idx), "n_test_good": len(test_good), "n_test_defect": int((levels == 3).sum()),
             "n_prob_0.33": int((levels == 1).sum()), "n_prob_0.67": int((levels == 2).sum())}
-    return DataSplits(name=f"elpv-{cell_type}", channels=1, train=_images(train_idx, limited),
-                      val=_images(val_idx, limited), test=test, info=info)
+    return DataSplits(name=f"elpv-{cell_type}", channels=1, train=_images(train_idx, limited, resize_to),
+                      val=_images(val_idx, limited, resize_to), test=test, info=info)
