@@ -26,7 +26,7 @@ from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, rec
 
 __all__ = ["Publisher", "run_publisher", "KIND_COUNTERS"]
 
-DEDUP_WINDOW = 65536  # records remembered for de-duplication
+DEDUP_WINDOW = 8192  # records remembered for de-duplication (a worker-lost duplicate follows within ~1 s)
 MAX_SEQ_CAMERAS = 1024  # camera ids with a sequence counter (a forgotten one restarts at 0)
 
 KIND_COUNTERS = {
