@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "modules built from held-out cells over ZeroMQ, a live table, a summary and a report "
                     "(report.html, report.png) with fused heat maps.")
     p.add_argument("--frames", type=int, help="modules to stream (default 24; --quick 4)")
-    p.add_argument("--fps", type=float, help="camera frame rate (default 1; --quick 4)")
+    p.add_argument("--fps", type=float, help="camera frame rate (default 0.5; --quick 4)")
     p.add_argument("--keep-going", action="store_true", help="stream (cycling the modules) until Ctrl-C")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings (a few training steps, 1 x 2 cell modules): seconds, for tests")
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
     p.add_argument("--steps", type=int, help="training steps (default 300)")
     p.add_argument("--cell-type", choices=("mono", "poly"), help="ELPV cell type (default mono)")
-    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default 2; --quick 1)")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default 1)")
     p.add_argument("--defect-share", type=float, help="share of modules with defective cells (0.4)")
     p.add_argument("--seed", type=int, help="seed of the data split, training and module draw (0)")
     p.set_defaults(func=cmd_demo)
@@ -63,8 +63,16 @@ def cmd_demo(args) -> int:
     return 0 if s["answered"] == s["frames"] and s["unanswered"] == 0 else 1
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the daemon and the camera
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args) or 0)
     except (ValueError, RuntimeError, OSError) as exc:

@@ -39,10 +39,10 @@ def default_workdir() -> Path:
 class DemoSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     frames: int = 24
-    fps: float = 1.0
+    fps: float = 0.5
     defect_share: float = 0.4  # share of modules with defective cells
     max_defects: int = 2  # defective cells in such a module: 1..max_defects
-    threads: int = 2  # torch and ONNX Runtime intra-op threads
+    threads: int = 1  # torch and ONNX Runtime intra-op threads (1: see docs/demo.md)
     workdir: Path = field(default_factory=default_workdir)
     keep_going: bool = False  # stream (cycling the modules) until Ctrl-C
     grace_s: float = 30.0  # wait for outstanding verdicts after the last frame
@@ -81,7 +81,9 @@ def daemon_mapping(model: DemoModel, settings: DemoSettings) -> dict:
         "queue": {"slots": 12, "size": 8, "drop_policy": "drop-oldest", "worker_credit": 4},
         "shutdown_timeout_s": 20,
         "map_downscale": 2,
-        "inspection": {"tile_overlap": settings.train.tile_overlap, "image_threshold": model.image_threshold},
+        "inspection": {"tile_overlap": settings.train.tile_overlap},
+        "cameras": [{"id": CAMERA, "threshold": model.image_threshold,
+                     "ignore": [list(z) for z in settings.train.ignore_zones]}],
         "log_level": "WARNING",
     }
 
@@ -194,7 +196,11 @@ def _stream_frames(collector, modules, frames_path, ingest, settings, say):
     return [outcomes[f] for f in sorted(outcomes)]
 
 
-def run_demo(settings: DemoSettings, say=print) -> dict:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(settings: DemoSettings, say=_say) -> dict:
     """The whole demo; returns {summary, report paths, model info, seconds}."""
     started = time.perf_counter()
     settings.workdir.mkdir(parents=True, exist_ok=True)

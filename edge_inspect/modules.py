@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ModuleLayout", "Module", "compose", "cell_boxes", "draw_modules", "good_modules", "as_mono"]
+__all__ = ["ModuleLayout", "Module", "compose", "cell_boxes", "joint_zones", "draw_modules", "good_modules",
+           "as_mono"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,22 @@ def cell_boxes(layout: ModuleLayout) -> list[tuple[int, int, int, int]]:
     """(x, y, w, h) of every cell, row-major."""
     c = layout.cell
     return [(col * c, row * c, c, c) for row in range(layout.rows) for col in range(layout.cols)]
+
+
+def joint_zones(layout: ModuleLayout, margin: int) -> list[tuple[int, int, int, int]]:
+    """Ignore zones (x, y, w, h) covering ``margin`` pixels on each side of every cell edge: the joints
+    between cells and the module border, where good cells differ most (chamfered corners, dark edges)."""
+    if margin <= 0:
+        return []
+    height, width = layout.shape
+    zones = []
+    for r in range(layout.rows + 1):
+        y0, y1 = max(0, r * layout.cell - margin), min(height, r * layout.cell + margin)
+        zones.append((0, y0, width, y1 - y0))
+    for c in range(layout.cols + 1):
+        x0, x1 = max(0, c * layout.cell - margin), min(width, c * layout.cell + margin)
+        zones.append((x0, 0, x1 - x0, height))
+    return zones
 
 
 def good_modules(cells: list[np.ndarray], layout: ModuleLayout, count: int, seed: int) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 
 from edge_inspect import demo as demo_mod
 from edge_inspect.cli import build_parser, settings_from_args
-from edge_inspect.modules import ModuleLayout, cell_boxes, compose, draw_modules, good_modules
+from edge_inspect.modules import ModuleLayout, cell_boxes, compose, draw_modules, good_modules, joint_zones
 from edge_inspect.report import FrameOutcome, format_summary, pick_frames, summarize
 from edge_inspect.train import QUICK, TrainSettings, cached_model
 
@@ -56,6 +56,19 @@ def test_good_modules_use_every_cell_before_reuse():
     mods = good_modules(_cells(6), layout, count=3, seed=0)
     values = sorted(int(m[0, x]) for m in mods for x in (0, 8))
     assert values == list(range(6))
+
+
+def test_joint_zones_cover_cell_edges_only():
+    layout = ModuleLayout(2, 3, cell=100)
+    mask = np.zeros(layout.shape, dtype=bool)
+    for x, y, w, h in joint_zones(layout, 10):
+        assert w > 0 and h > 0 and x + w <= 300 and y + h <= 200
+        mask[y:y + h, x:x + w] = True
+    assert mask[0:10].all() and mask[90:110].all() and mask[190:200].all()  # rows of joints
+    assert mask[:, 0:10].all() and mask[:, 90:110].all() and mask[:, 290:300].all()
+    assert not mask[10:90, 10:90].any() and not mask[110:190, 210:290].any()  # cell interiors
+    assert mask.mean() == pytest.approx(1 - (6 * 80 * 80) / (300 * 200))
+    assert joint_zones(layout, 0) == []
 
 
 def _o(fid, defective, verdict="PASS", kind="verdict", latency=10.0):

@@ -234,31 +234,37 @@ class VerdictCollector:
 
 def handshake(ingest: str, collector: VerdictCollector, frame: np.ndarray, camera_id: str = "warmup",
               warm_frames: int = 3, timeout_s: float = 60.0) -> int:
-    """Send probe frames until a verdict comes back (the subscription is live, the worker warm), then
-    ``warm_frames`` more, waited for one by one. Probe ids start at WARMUP_BASE. Returns probes sent."""
+    """Make sure the subscription is live and the worker warm before any measured frame.
+
+    Sends probe frames (ids from WARMUP_BASE), waiting 0.5 s, 1 s, 2 s ... (at most 5 s) for a record of any
+    of them; then waits until every probe has its record (so none is still queued when the load starts),
+    then sends ``warm_frames`` more, one at a time. Returns the number of frames sent."""
     from edge_daemon.client import FramePublisher
 
-    sent = 0
+    sent: list[int] = []
     deadline = time.monotonic() + timeout_s
 
-    def answered(fid):
-        return lambda rs: any(r.camera_id == camera_id and r.frame_id == fid for r in rs)
+    def answered(ids, every: bool):
+        def check(receipts):
+            got = {r.frame_id for r in receipts if r.camera_id == camera_id}
+            return set(ids) <= got if every else bool(got & set(ids))
+
+        return check
 
     with FramePublisher(ingest, camera_id, send_timeout_s=1.0) as pub:
-        while time.monotonic() < deadline:
-            fid = WARMUP_BASE + sent
-            pub.send(frame, frame_id=fid)
-            sent += 1
-            if collector.wait_for(answered(fid), 0.5):
+        wait = 0.5
+        while True:
+            sent.append(pub.send(frame, frame_id=WARMUP_BASE + len(sent)))
+            if collector.wait_for(answered(sent, False), min(wait, max(0.0, deadline - time.monotonic()))):
                 break
-        else:
-            raise RuntimeError(f"no record for probe frames within {timeout_s:g} s: daemon not answering")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no record for probe frames within {timeout_s:g} s: daemon not answering")
+            wait = min(2 * wait, 5.0)
         for _ in range(warm_frames):
-            fid = WARMUP_BASE + sent
-            pub.send(frame, frame_id=fid)
-            sent += 1
-            collector.wait_for(answered(fid), max(0.1, deadline - time.monotonic()))
-    return sent
+            sent.append(pub.send(frame, frame_id=WARMUP_BASE + len(sent)))
+        if not collector.wait_for(answered(sent, True), max(0.1, deadline - time.monotonic())):
+            raise RuntimeError(f"probe and warm-up frames not all answered within {timeout_s:g} s")
+    return len(sent)
 
 
 # ---- cameras -----------------------------------------------------------------------------------------------
