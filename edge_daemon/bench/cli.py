@@ -21,7 +21,7 @@ BENCHMARKS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-bench", description="Benchmarks of the inspection runtime.")
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    for name, module_name in BENCHMARKS.items():
+    for module_name in BENCHMARKS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
