@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = {"dfr-s": ("dfr", "s"), "efficientad-s": ("efficientad", "s"), "efficientad-m": ("efficientad", "m")}
+MODELS = {"dfr-s": ("dfr", "s"), "efficientad-s": ("efficientad", "s"), "efficientad-m": ("efficientad", "m"),
+          # the methods our work grew from (docs/model_kinds.md); saliency is zero-shot: --steps is ignored
+          "reconstruction-s": ("reconstruction", "s"), "mkd-s": ("mkd", "s"), "tsdn-s": ("tsdn", "s"),
+          "saliency-s": ("saliency", "s")}
 COLUMNS = ("image_auroc", "image_f1_max", "false_reject_rate", "miss_rate")
 
 

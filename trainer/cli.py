@@ -44,8 +44,9 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=("efficientad", "dfr"), default="efficientad", help="model kind")
-    p.add_argument("--size", default="s", help="model size: efficientad s|m, dfr s (default s)")
+    p.add_argument("--kind", choices=("efficientad", "dfr", "reconstruction", "mkd", "tsdn", "saliency"),
+                   default="efficientad", help="model kind (docs/model_kinds.md)")
+    p.add_argument("--size", default="s", help="model size: efficientad s|m, others s (default s)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="model option passed to create_model (YAML value), repeatable: e.g. alpha=0.5, "
                         "taps=[2,4,8]")

@@ -1,4 +1,5 @@
-"""Training loops: ``fit`` (EfficientAD student + autoencoder, DFR autoencoder) and ``pretrain_teacher``.
+"""Training loops: ``fit`` (EfficientAD student + autoencoder, DFR autoencoder, reconstruction AE, MKD cloner,
+TSDN; saliency is zero-shot) and ``pretrain_teacher``.
 
 Seeded and reproducible on CPU: one torch.Generator draws the data (crops, augmentation, synthetic
 anomalies) and the global torch RNG (dropout) is seeded; both states go into checkpoints, so a resumed run
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .data.superpixels import random_fill
 from .models.backbones.efficientnet_lite import TAP_CHANNELS, efficientnet_lite0
 from .models.dfr import pca_latent_dim
 from .models.efficientad import TEACHER_CHANNELS
@@ -184,11 +186,12 @@ def inject_noise_patches(x: torch.Tensor, gen: torch.Generator, fraction: float 
 
 # ---------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,
-                     gen: torch.Generator, history: list[float]) -> None:
+def _save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+                     total: int, gen: torch.Generator, history: list[float]) -> None:
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": model.kind,
              "size": model.size, "step": step, "total_steps": total, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "optimizer": optimizer.state_dict() if optimizer is not None else {},
+             "torch_rng": torch.get_rng_state(),
              "data_rng": gen.get_state(), "loss": torch.tensor(history, dtype=torch.float64),
              "latent": getattr(model, "latent", None) or 0}
     target = Path(path)
@@ -395,7 +398,68 @@ def _dfr_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: Tr
     return list(model.autoencoder.parameters())
 
 
-_TRAINERS = {"efficientad": (_efficientad_setup, _efficientad_step), "dfr": (_dfr_setup, _dfr_step)}
+# ---------------------------------------------------------------- reconstruction AE, MKD, TSDN, saliency
+
+def _all_parameters(model: nn.Module, tensors, images, config: TrainConfig, progress: Progress | None,
+                    resumed: bool, info: dict) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _reconstruction_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+                         penalty: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    x = normalise(x01, model.input_mean, model.input_std)
+    return {"mse": losses.reconstruction_loss(x, model.reconstruct(x))}
+
+
+def _mkd_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: TrainConfig,
+               progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
+    if not resumed and not bool(model.stats_set):
+        gen = torch.Generator().manual_seed(config.seed + 2)
+        model.set_expert_stats([normalise(sample_batch(tensors, config.tile, 1, gen), model.input_mean,
+                                          model.input_std) for _ in range(config.pca_samples)])
+    return list(model.cloner.parameters())
+
+
+def _mkd_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+              penalty: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    pairs = model.pairs(normalise(x01, model.input_mean, model.input_std))
+    return losses.mkd_loss(pairs, model.direction_weight)
+
+
+def superpixel_fill_batch(x01: torch.Tensor, gen: torch.Generator, probability: float = 0.5,
+                          n_segments: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSDN fake anomalies: on ``probability`` of the images, SLIC superpixels painted with random colours
+    (trainer.data.superpixels.random_fill, SLIC at half resolution). Returns images and B x 1 x H x W mask."""
+    out, masks = [], []
+    for img in x01:
+        if _uniform(0, 1, gen) >= probability:
+            out.append(img)
+            masks.append(torch.zeros(1, *img.shape[-2:]))
+            continue
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        u8 = (img.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        filled, mask = random_fill(u8, rng, n_segments=n_segments, slic_scale=0.5)
+        out.append(torch.from_numpy(filled).permute(2, 0, 1).float() / 255.0)
+        masks.append(torch.from_numpy(mask)[None])
+    return torch.stack(out), torch.stack(masks)
+
+
+def _tsdn_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+               penalty: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    filled, mask = superpixel_fill_batch(x01, gen, model.srf_probability, model.srf_segments)
+    streams = model.streams(normalise(filled, model.input_mean, model.input_std))
+    return losses.tsdn_loss(streams, normalise(x01, model.input_mean, model.input_std), mask)
+
+
+def _no_training(model: nn.Module, tensors, images, config: TrainConfig, progress: Progress | None,
+                 resumed: bool, info: dict) -> list[nn.Parameter]:
+    info["zero_shot"] = True
+    return []
+
+
+_TRAINERS = {"efficientad": (_efficientad_setup, _efficientad_step), "dfr": (_dfr_setup, _dfr_step),
+             "reconstruction": (_all_parameters, _reconstruction_step), "mkd": (_mkd_setup, _mkd_step),
+             "tsdn": (_all_parameters, _tsdn_step), "saliency": (_no_training, None)}
 
 
 # ---------------------------------------------------------------- the loop
@@ -417,7 +481,9 @@ def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
 
     EfficientAD: distils the teacher first when it is not trained (config.teacher_steps), then trains student
     and autoencoder. DFR: picks the latent size by PCA (unless the model has one), then trains the
-    autoencoder.
+    autoencoder. Reconstruction: the autoencoder (MSE). MKD: sets the expert's channel statistics, then
+    trains the cloner. TSDN: encoder, FNE and both decoders on superpixel-filled crops. Saliency: zero-shot,
+    returns at once (steps 0; the checkpoint is still written).
     With ``resume`` and an existing ``checkpoint_path`` training continues from the checkpoint.
     Returns {"loss": [...], "parts": {name: [...]}, "steps", "seconds", "start_step", ...}.
     """
@@ -435,6 +501,11 @@ def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
         restore_model(model, state)
     info: dict = {}
     params = setup(model, tensors, images, config, progress, state is not None, info)
+    if step_fn is None:  # zero-shot (saliency): nothing to train, the checkpoint holds the frozen model
+        model.eval()
+        if config.checkpoint_path:
+            _save_checkpoint(config.checkpoint_path, model, None, 0, 0, gen, [])
+        return {"loss": [], "parts": {}, "steps": 0, "start_step": 0, "seconds": 0.0, "kind": kind, **info}
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     history: list[float] = []
     parts: dict[str, list[float]] = {}

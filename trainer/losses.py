@@ -5,14 +5,17 @@ penalty.
 Thesis options: ``anomaly_push_loss`` (synthetic anomalies push the student away from the teacher) and
 ``cdo_loss`` (collaborative discrepancy optimisation, Cao et al., IEEE TII 2023).
 All discrepancy maps ``d`` are B x 1 x h x w (channel mean of squared differences) unless stated.
+Other kinds: ``reconstruction_loss`` (autoencoder MSE), ``mkd_loss`` (MKD value + direction), ``tsdn_loss``
+(TSDN normal reconstruction + abnormal mask + feature-normality compactness).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["quantile", "hard_feature_loss", "ae_loss", "student_ae_loss", "penalty_loss", "anomaly_push_loss",
-           "cdo_loss", "dfr_loss"]
+           "cdo_loss", "dfr_loss", "reconstruction_loss", "mkd_loss", "tsdn_loss"]
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -100,3 +103,27 @@ def cdo_loss(d: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 2
 def dfr_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """DFR: MSE between regional features and their reconstruction."""
     return ((features - reconstruction) ** 2).mean()
+
+
+def reconstruction_loss(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Reconstruction autoencoder: MSE between the (normalised) image and its reconstruction."""
+    return ((x - reconstruction) ** 2).mean()
+
+
+def mkd_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]], direction_weight: float = 1.0
+             ) -> dict[str, torch.Tensor]:
+    """MKD (Salehi et al., CVPR 2021): per depth, value loss (mean squared difference of expert and cloner
+    features) and direction loss (1 - cosine similarity, per location over channels), summed over depths."""
+    value = sum(((e - c) ** 2).mean() for e, c in pairs)
+    direction = sum((1.0 - F.cosine_similarity(e, c, dim=1, eps=1e-6)).mean() for e, c in pairs)
+    return {"value": value, "direction": direction_weight * direction}
+
+
+def tsdn_loss(streams: dict[str, torch.Tensor], clean: torch.Tensor, mask: torch.Tensor,
+              mask_weight: float = 1.0, compact_weight: float = 0.1) -> dict[str, torch.Tensor]:
+    """TSDN: the normal decoder rebuilds the clean image (MSE), the abnormal decoder finds the filled
+    superpixels (BCE on logits, ``mask`` B x 1 x H x W in {0, 1}), and the bottleneck features stay close to
+    their prototype-based normal estimate (compactness, weight ``compact_weight``)."""
+    return {"rec": ((streams["reconstruction"] - clean) ** 2).mean(),
+            "mask": mask_weight * F.binary_cross_entropy_with_logits(streams["mask_logits"], mask),
+            "fne": compact_weight * ((streams["features"] - streams["normal"]) ** 2).mean()}

@@ -8,6 +8,10 @@ from torch import nn
 
 from .dfr import DFR
 from .efficientad import PDN_BUILDERS, EfficientAD
+from .mkd import MKD
+from .reconstruction import ReconstructionAE
+from .saliency import ZeroShotSaliency
+from .tsdn import TSDN
 
 __all__ = ["MODEL_KINDS", "MODEL_SIZES", "create_model"]
 
@@ -20,13 +24,35 @@ def _dfr(size: str = "s", **options) -> nn.Module:
     return DFR(size=size, **options)
 
 
-MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"efficientad": _efficientad, "dfr": _dfr}
-MODEL_SIZES: dict[str, tuple[str, ...]] = {"efficientad": tuple(sorted(PDN_BUILDERS)), "dfr": ("s",)}
+def _reconstruction(size: str = "s", **options) -> nn.Module:
+    return ReconstructionAE(size=size, **options)
+
+
+def _mkd(size: str = "s", **options) -> nn.Module:
+    return MKD(size=size, **options)
+
+
+def _tsdn(size: str = "s", **options) -> nn.Module:
+    return TSDN(size=size, **options)
+
+
+def _saliency(size: str = "s", **options) -> nn.Module:
+    return ZeroShotSaliency(size=size, **options)
+
+
+MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {
+    "efficientad": _efficientad, "dfr": _dfr, "reconstruction": _reconstruction, "mkd": _mkd, "tsdn": _tsdn,
+    "saliency": _saliency}
+MODEL_SIZES: dict[str, tuple[str, ...]] = {
+    "efficientad": tuple(sorted(PDN_BUILDERS)), "dfr": ("s",), "reconstruction": ("s",), "mkd": ("s",),
+    "tsdn": ("s",), "saliency": ("s",)}
 
 
 def create_model(kind: str, size: str = "s", **options) -> nn.Module:
     """Build a model: EfficientAD options tile, alpha, padded; DFR options taps, kernel, stride, grid_stride,
-    reflect_pad, latent, backbone_weights, pretrained."""
+    reflect_pad, latent, backbone_weights, pretrained; reconstruction latent; MKD width, direction_weight,
+    backbone_weights, pretrained; TSDN prototypes, blur_sigma, srf_segments, srf_probability; saliency k,
+    grid_stride, exclude_radius, backbone_weights, pretrained."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}: valid are {sorted(MODEL_KINDS)}")
     if size not in MODEL_SIZES[kind]:
