@@ -150,6 +150,7 @@ def test_latency_smoke_against_the_daemon(tmp_path, tiny_bundle, capsys):
     assert len(step["samples"]) == step["sent"]
     assert set(step["stages_ms"]) >= {"queue", "infer", "total", "outside"}
     assert result["ceiling"]["tiles_per_frame"] == 6  # 96x64 frame, 32 px tiles, no overlap
+    assert result["ceiling"]["ceiling_fps"] > 0 and result["ceiling"]["own_ms"]["p50"] > 0
     assert result["daemon_exit_code"] == 0
     assert out_png.stat().st_size > 1000
     assert "offered/s" in printed
