@@ -45,7 +45,7 @@ class DemoSettings:
     threads: int = 1  # torch and ONNX Runtime intra-op threads (1: see docs/demo.md)
     workdir: Path = field(default_factory=default_workdir)
     keep_going: bool = False  # stream (cycling the modules) until Ctrl-C
-    grace_s: float = 30.0  # wait for outstanding verdicts after the last frame
+    grace_s: float = 30.0  # a frame is unanswered when no record came for this long after the last frame
     report_frames: int = 4
     retrain: bool = False
 
@@ -146,6 +146,7 @@ def stream(model: DemoModel, modules: list[Module], settings: DemoSettings, run_
         if collector is not None:
             collector.close()
         code = daemon.stop()
+        frames_path.unlink(missing_ok=True)  # the camera's copy of the frames (~1 MB each)
         say(f"daemon: stopped (exit code {code})")
 
 
@@ -185,9 +186,12 @@ def _stream_frames(collector, modules, frames_path, ingest, settings, say):
     for rep in reports:
         if rep.error:
             raise RuntimeError(f"camera {rep.camera_id} failed: {rep.error}")
-    deadline = time.monotonic() + settings.grace_s
-    while time.monotonic() < deadline and not set(sent) <= printed:
+    # wait for the last records while they keep coming (a backlog drains); give up after grace_s of silence
+    last, quiet_since = len(printed), time.monotonic()
+    while not set(sent) <= printed and time.monotonic() - quiet_since < settings.grace_s:
         show_new()
+        if len(printed) != last:
+            last, quiet_since = len(printed), time.monotonic()
         time.sleep(0.05)
     show_new()
     for fid in sent:
