@@ -191,15 +191,16 @@ def test_edge_train_bundle_and_onnx_parity(kind, good_folder, tmp_path):
 
 # ---------------------------------------------------------------- through the real daemon
 
-@pytest.mark.slow  # ~15-35 s on the shared 2 cores (daemon start, probe handshake, shutdown)
-def test_reconstruction_bundle_through_the_daemon(good_folder, tmp_path):
-    """A new kind end to end: edge-train bundle -> daemon (ONNX Runtime worker) -> verdicts and maps."""
+@pytest.mark.slow  # ~15-35 s per kind on the shared 2 cores (training, export, daemon start and stop)
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_new_kind_bundle_through_the_daemon(kind, good_folder, tmp_path):
+    """Each new kind end to end: edge-train bundle -> daemon (ONNX Runtime worker) -> verdicts and maps."""
     from daemon_helpers import DaemonProcess, collect, daemon_config, handshake
 
     from edge_daemon.client import FramePublisher, VerdictSubscriber
 
     bundle = tmp_path / "bundle"
-    _train("reconstruction", good_folder, bundle)
+    _train(kind, good_folder, bundle)
     model_id = read_bundle(bundle).model_id
     path, data = daemon_config(tmp_path, bundle, cameras=[{"id": "cam1"}])
     proc = DaemonProcess(path, tmp_path / "daemon.log", instance=data["instance"])
@@ -215,11 +216,13 @@ def test_reconstruction_bundle_through_the_daemon(good_folder, tmp_path):
                                                                  and hasattr(v, "map") for v in got))
         verdicts = [v for v in records + items if getattr(v, "kind", None) == "verdict"]
         maps = [m for m in items if hasattr(m, "map") and m.frame_id == fid]
-        assert verdicts and all(v.model_id == model_id and v.model_id.startswith("reconstruction-s")
+        assert verdicts and all(v.model_id == model_id and v.model_id.startswith(f"{kind}-s")
                                 for v in verdicts)
         probe = next(v for v in verdicts if v.frame_id in probes)
         bad = next(v for v in verdicts if v.frame_id == fid)
-        assert bad.score > probe.score  # the painted disc reconstructs worse than the texture
+        assert np.isfinite([probe.score, bad.score]).all()
+        if kind in ("reconstruction", "saliency"):  # meaningful after 2 steps / zero-shot
+            assert bad.score > probe.score  # the painted disc is unlike the texture
         assert maps and np.isfinite(maps[0].map).all() and maps[0].map.dtype == np.float32
         assert proc.terminate(timeout_s=30) == 0, proc.logs()
     finally:
