@@ -172,7 +172,11 @@ def _train(kind: str, folder, out) -> dict:
     return train_bundle(args, progress=False)
 
 
-@pytest.mark.parametrize("kind", NEW_KINDS)
+# the kinds with the Lite0 backbone or two decoders take 10-30 s each here: slow, like the daemon runs
+PARITY_CASES = [pytest.param(k, marks=[pytest.mark.slow] if k in ("mkd", "tsdn") else []) for k in NEW_KINDS]
+
+
+@pytest.mark.parametrize("kind", PARITY_CASES)
 def test_edge_train_bundle_and_onnx_parity(kind, good_folder, tmp_path):
     metrics = _train(kind, good_folder, tmp_path)
     meta = read_bundle(tmp_path)
