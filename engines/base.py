@@ -20,8 +20,23 @@ import numpy as np
 
 from .bundle import BundleMeta
 
-__all__ = ["Engine", "InferHandle", "EngineError", "EngineInputError", "BackendUnavailable", "batch_buckets",
+__all__ = ["Engine", "InferHandle", "BundleGeometry", "EngineError", "EngineInputError", "BackendUnavailable",
+           "batch_buckets",
            "bucket_for", "check_tiles", "check_slot", "SlotPool"]
+
+
+class BundleGeometry:
+    """input_shape / map_shape of an engine, read from its bundle (shared by every backend)."""
+
+    meta: BundleMeta
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return (self.meta.map.height, self.meta.map.width)
 
 
 class EngineError(RuntimeError):

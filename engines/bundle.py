@@ -137,8 +137,8 @@ def read_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleMeta:
                 raise BundleError(f"bundle file {path} ({name}) is missing")
             actual = sha256_file(path)
             if actual != entry["sha256"]:
-                raise BundleError(f"bundle file {path} ({name}) has sha256 {actual[:16]}..., "
-                                  f"bundle.json says {entry['sha256'][:16]}...: the bundle is corrupt or edited")
+                raise BundleError(f"bundle file {path} ({name}) has sha256 {actual[:16]}..., bundle.json "
+                                  f"says {entry['sha256'][:16]}...: the bundle is corrupt or edited")
     return meta
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable, EngineError, EngineInputError, SlotPool, batch_buckets, check_tiles
+from .base import (
+    BackendUnavailable,
+    BundleGeometry,
+    EngineError,
+    EngineInputError,
+    SlotPool,
+    batch_buckets,
+    check_tiles,
+)
 from .bundle import ONNX_FILE, BundleMeta
 
 __all__ = ["OrtEngine", "open_backend", "session_options"]
@@ -38,7 +46,7 @@ def session_options(threads: int | None):
     return opts
 
 
-class OrtEngine:
+class OrtEngine(BundleGeometry):
     backend = "onnxruntime"
     device = "cpu"
     precision = "fp32"
@@ -57,14 +65,6 @@ class OrtEngine:
         self._output = self._session.get_outputs()[0].name
         self._slots = SlotPool(streams, "ort")
         self._closed = False
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
-
-    @property
-    def map_shape(self) -> tuple[int, int]:
-        return (self.meta.map.height, self.meta.map.width)
 
     def _check_open(self) -> None:
         if self._closed:

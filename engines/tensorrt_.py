@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable, EngineError, EngineInputError, batch_buckets, check_slot, check_tiles
+from .base import (
+    BackendUnavailable,
+    BundleGeometry,
+    EngineError,
+    EngineInputError,
+    batch_buckets,
+    check_slot,
+    check_tiles,
+)
 from .build import build_engine, import_tensorrt
 from .bundle import BundleMeta
 
@@ -38,7 +46,7 @@ class _TrtSlot:
         self.pending = None
 
 
-class TensorRTEngine:
+class TensorRTEngine(BundleGeometry):
     backend = "tensorrt"
 
     def __init__(self, engine_path: Path, meta: BundleMeta, device: str = "cuda:0", precision: str = "fp16",
@@ -76,14 +84,6 @@ class TensorRTEngine:
         if self._engine.get_tensor_dtype(outputs[0]) != trt.DataType.FLOAT:
             raise EngineError(f"engine output {outputs[0]!r} is not float32")
         return inputs[0], outputs[0]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
-
-    @property
-    def map_shape(self) -> tuple[int, int]:
-        return (self.meta.map.height, self.meta.map.width)
 
     def _enqueue(self, slot: _TrtSlot, tiles, batch: int):
         from .torch_ import _Handle

@@ -17,6 +17,7 @@ import numpy as np
 
 from .base import (
     BackendUnavailable,
+    BundleGeometry,
     EngineError,
     EngineInputError,
     SlotPool,
@@ -83,7 +84,7 @@ class _CudaSlot:
         self.pending: _Handle | None = None
 
 
-class TorchEngine:
+class TorchEngine(BundleGeometry):
     backend = "torch"
 
     def __init__(self, core_path: Path, meta: BundleMeta, device: str = "cpu", precision: str = "fp32",
@@ -108,14 +109,6 @@ class TorchEngine:
                            for _ in range(streams)]
             self._capture_lock = threading.Lock()
         self._closed = False
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
-
-    @property
-    def map_shape(self) -> tuple[int, int]:
-        return (self.meta.map.height, self.meta.map.width)
 
     def _forward(self, tiles):
         x = self._pre(tiles)

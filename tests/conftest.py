@@ -26,8 +26,10 @@ class TinyCore(nn.Module):
 def make_tiny_bundle(out_dir, tile: int = 32, channels: int = 1, threshold: float = 0.5):
     meta = BundleMeta(
         kind="tiny", size="xs",
-        input=InputSpec(height=tile, width=tile, channels=channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        map=MapSpec(height=tile // 4, width=tile // 4, stride=4, q_a=(0.0, 0.0), q_b=(1.0, 2.0), weights=(0.5, 0.5)),
+        input=InputSpec(height=tile, width=tile, channels=channels, mean=(0.5, 0.5, 0.5),
+                        std=(0.25, 0.25, 0.25)),
+        map=MapSpec(height=tile // 4, width=tile // 4, stride=4, q_a=(0.0, 0.0), q_b=(1.0, 2.0),
+                    weights=(0.5, 0.5)),
         image_threshold=threshold, pixel_threshold=threshold,
     )
     return export_bundle(TinyCore(), meta, out_dir)
