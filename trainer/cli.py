@@ -188,19 +188,10 @@ class ProgressBar:
 
 
 def load_teacher(model, path: str | Path) -> None:
-    import torch
+    from .fit import CheckpointError, load_state_file
 
-    from .fit import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"teacher checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"teacher checkpoint {path} is corrupt or not a torch file: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != TEACHER_FORMAT:
-        raise CheckpointError(f"{path} is not a teacher checkpoint written by `edge-train pretrain-teacher`")
+    state = load_state_file(path, "teacher checkpoint", TEACHER_FORMAT,
+                            "a teacher checkpoint written by `edge-train pretrain-teacher`")
     if getattr(model, "kind", None) != "efficientad" or state.get("size") != model.size:
         raise CheckpointError(f"teacher checkpoint {path} is for efficientad-{state.get('size')}, "
                               f"the model is {getattr(model, 'kind', '?')}-{getattr(model, 'size', '?')}")

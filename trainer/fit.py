@@ -201,17 +201,23 @@ def _save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
     os.replace(tmp, target)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load and validate a checkpoint (no arbitrary pickle: weights_only). Raises CheckpointError."""
+def load_state_file(path: str | Path, what: str, state_format: str, expected: str) -> dict:
+    """torch.load a dict of ``state_format`` (weights_only: no arbitrary pickle), else CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not an edge-inspect training checkpoint")
+        raise CheckpointError(f"{what} {path} is corrupt or not a torch file: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != state_format:
+        raise CheckpointError(f"{what} {path} is not {expected}")
+    return state
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and validate a training checkpoint. Raises CheckpointError."""
+    state = load_state_file(path, "checkpoint", CHECKPOINT_FORMAT, "an edge-inspect training checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, "
                               f"this build reads {CHECKPOINT_VERSION}")
