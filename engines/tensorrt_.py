@@ -86,16 +86,10 @@ class TensorRTEngine(BundleGeometry):
         return inputs[0], outputs[0]
 
     def _enqueue(self, slot: _TrtSlot, tiles, batch: int):
-        from .torch_ import _Handle
+        from .torch_ import _Handle, stage_input
 
         torch = self._torch
-        as_torch = isinstance(tiles, torch.Tensor)
-        if slot.pending is not None:
-            slot.pending.result()  # copy the previous batch out before its buffers are overwritten
-        if as_torch:
-            slot.stream.wait_stream(torch.cuda.current_stream(self.device))
-        else:
-            slot.host_in[:batch].numpy()[...] = tiles
+        as_torch = stage_input(slot, tiles, batch, self.device)
         with torch.cuda.stream(slot.stream):
             slot.dev_in[:batch].copy_(tiles if as_torch else slot.host_in[:batch], non_blocking=True)
             if not slot.context.set_input_shape(self._input_name, (batch, *self.input_shape)):

@@ -28,7 +28,7 @@ from .base import (
 )
 from .bundle import TORCH_FILE, BundleMeta
 
-__all__ = ["TorchEngine", "open_backend", "load_core"]
+__all__ = ["TorchEngine", "open_backend", "load_core", "stage_input"]
 
 try:
     import torch
@@ -71,6 +71,22 @@ class _Handle:
                 self._value = self._host_out[: self._batch].numpy().copy()
             self._host_out = self._device_out = None
         return self._value
+
+
+def stage_input(slot, tiles, batch: int, device) -> bool:
+    """Free a slot for the next batch and stage its tiles; True when the tiles are a (device) torch tensor.
+
+    Shared by the CUDA backends (torch, TensorRT): waits for the slot's previous batch to be copied out, then
+    either orders the slot's stream after the caller's (torch tiles may still be being written) or copies
+    NumPy tiles into the slot's pinned host buffer.
+    """
+    if slot.pending is not None:
+        slot.pending.result()  # copy the previous batch out before its buffers are overwritten
+    if isinstance(tiles, torch.Tensor):
+        slot.stream.wait_stream(torch.cuda.current_stream(device))
+        return True
+    slot.host_in[:batch].numpy()[...] = tiles
+    return False
 
 
 class _CudaSlot:
@@ -148,14 +164,7 @@ class TorchEngine(BundleGeometry):
 
     def _enqueue(self, slot: _CudaSlot, tiles, batch: int) -> _Handle:
         bucket = bucket_for(batch, self.buckets)
-        as_torch = isinstance(tiles, torch.Tensor)
-        if slot.pending is not None:
-            slot.pending.result()  # copy the previous batch out before its buffers are overwritten
-        if as_torch:
-            # the caller's stream may still be writing the tiles
-            slot.stream.wait_stream(torch.cuda.current_stream(self.device))
-        else:
-            slot.host_in[:batch].numpy()[...] = tiles
+        as_torch = stage_input(slot, tiles, batch, self.device)
         graph = self._graph(slot, bucket) if self.cuda_graphs else None
         device_out = None
         with torch.inference_mode(), torch.cuda.stream(slot.stream):
