@@ -7,17 +7,24 @@
   threshold; area and bounding box in frame pixels (map pixels x stride, clipped to the frame); components
   smaller than ``min_area`` frame pixels are dropped; the rest sorted by peak, the list capped at
   ``max_regions`` (the count in the reason is the full one).
-- FAIL when score >= image threshold. With no inspected pixel at all (ignore zones cover the ROI) the frame
-  PASSes with score 0.0 and says so.
+- FAIL when score >= image threshold. Every FAIL carries at least one region: when no component passes the
+  pixel threshold and minimum area (a camera's image threshold set below the region threshold, or a small
+  peak), the component around the highest inspected pixel, cut at min(pixel, image threshold), is reported.
+- With no inspected pixel at all (ignore zones cover the ROI) the frame PASSes with score 0.0 and says so.
+- Non-finite maps (NaN/inf: a numeric overflow in the engine) never PASS: an inspected NaN/inf pixel makes the
+  frame FAIL with score +inf, the reason says how many, and the regions are the non-finite pixels' components.
+  NaN/inf outside the inspected pixels is set to 0 before smoothing, so it cannot leak into them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["SCORE_MODES", "Region", "Verdict", "smooth_map", "image_score", "find_regions", "decide"]
+__all__ = ["SCORE_MODES", "Region", "Verdict", "smooth_map", "image_score", "find_regions", "peak_region",
+           "decide", "nonfinite_verdict"]
 
 SCORE_MODES = ("max", "topk")
 
@@ -96,15 +103,31 @@ def find_regions(smoothed: np.ndarray, mask: np.ndarray | None, pixel_threshold:
     return regions
 
 
+def peak_region(smoothed: np.ndarray, mask: np.ndarray | None, level: float, stride: int,
+                frame_hw: tuple[int, int]) -> list[Region]:
+    """The connected region around the highest inspected pixel, cut at ``level`` (no minimum area)."""
+    values = smoothed if mask is None else np.where(mask, smoothed, -np.inf)
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    level = min(level, float(values[peak]))
+    regions = find_regions(smoothed, mask, np.nextafter(level, -np.inf), stride, frame_hw, 0)
+    y, x = peak[0] * stride, peak[1] * stride
+    return [r for r in regions if r.x <= x < r.x + r.w and r.y <= y < r.y + r.h][:1] or regions[:1]
+
+
 def decide(anomaly_map: np.ndarray, mask: np.ndarray | None, *, stride: int, frame_hw: tuple[int, int],
            image_threshold: float, pixel_threshold: float, score_mode: str = "max", topk: int = 100,
            sigma: float = 1.0, min_area: int = 0, max_regions: int = 64) -> Verdict:
     """PASS/FAIL of one fused frame map (output scale) with score, threshold, regions and the reason."""
+    anomaly_map, bad = _split_nonfinite(anomaly_map, mask)
+    if bad is not None:
+        return nonfinite_verdict(bad, stride, frame_hw, image_threshold, max_regions)
     smoothed = smooth_map(anomaly_map, sigma)
     score = image_score(smoothed, mask, score_mode, topk)
     if score is None:
         return Verdict("PASS", "no inspected pixels (ignore zones cover the ROI)", 0.0, image_threshold, [])
     regions = find_regions(smoothed, mask, pixel_threshold, stride, frame_hw, min_area)
+    if score >= image_threshold and not regions:  # every FAIL says where: the peak's region at least
+        regions = peak_region(smoothed, mask, min(pixel_threshold, image_threshold), stride, frame_hw)
     found = len(regions)
     plural = "region" if found == 1 else "regions"
     if score >= image_threshold:
@@ -116,3 +139,24 @@ def decide(anomaly_map: np.ndarray, mask: np.ndarray | None, *, stride: int, fra
             reason += f"; {found} {plural} above pixel threshold {pixel_threshold:.4g}"
         verdict = "PASS"
     return Verdict(verdict, reason, score, image_threshold, regions[:max_regions])
+
+
+def _split_nonfinite(anomaly_map: np.ndarray, mask: np.ndarray | None):
+    """(map, None) if every inspected pixel is finite (NaN/inf outside them set to 0), else (map, bad)."""
+    finite = np.isfinite(anomaly_map)
+    if finite.all():
+        return anomaly_map, None
+    bad = ~finite if mask is None else ~finite & mask
+    if bad.any():
+        return anomaly_map, bad
+    return np.where(finite, anomaly_map, 0.0).astype(np.float32), None
+
+
+def nonfinite_verdict(bad: np.ndarray, stride: int, frame_hw: tuple[int, int], image_threshold: float,
+                      max_regions: int = 64) -> Verdict:
+    """FAIL for a map with NaN/inf inspected pixels (``bad``): score +inf, regions = their components."""
+    regions = [replace(r, peak=math.inf, mean=math.inf)
+               for r in find_regions(bad.astype(np.float32), None, 0.5, stride, frame_hw)]
+    reason = (f"non-finite anomaly map: {int(bad.sum())} inspected pixels are NaN/inf (numeric overflow in "
+              f"the engine?), FAIL by rule; {len(regions)} {'region' if len(regions) == 1 else 'regions'}")
+    return Verdict("FAIL", reason, math.inf, image_threshold, regions[:max_regions])

@@ -13,7 +13,9 @@ Life of a frame
            completes that frame with its Exception. poll never raises for a frame's failure.
   drain()  launches everything now and waits for it; frames still unfinished at the timeout complete with
            TimeoutError (their in-flight batches are abandoned). Used at shutdown.
-Tiles of one frame may be split across batches; a batch may hold tiles of several frames.
+Tiles of one frame may be split across batches; a batch may hold tiles of several frames. The tiles submitted
+for a batch (on the device path a ``torch.cat`` temporary, or a view of a frame's tiles) stay referenced by
+the batch until it is collected, besides the engine's own hold (engines/cuda_slots.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _Frame:
 class _Batch:
     handle: object
     parts: list[tuple[_Frame, int, int]] = field(default_factory=list)
+    tiles: object = None  # what was submitted (device path: a torch.cat temporary), held until collected
 
 
 class TileBatcher:
@@ -169,8 +172,9 @@ class TileBatcher:
                 self._pending_tiles -= take
                 if frame.next_tile == frame.count:
                     self._waiting.popleft()
+            batch.tiles = _concat(chunks)
             try:
-                batch.handle = self._engine.submit(_concat(chunks), slot)
+                batch.handle = self._engine.submit(batch.tiles, slot)
             except Exception as exc:  # noqa: BLE001 - reported per frame
                 self._fail_batch(batch, exc)
                 continue
@@ -184,6 +188,7 @@ class TileBatcher:
                 continue
             collected = True
             self._slots[slot] = None
+            batch.tiles = None
             try:
                 maps = batch.handle.result()
                 self._scatter(batch, maps)

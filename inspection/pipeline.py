@@ -9,13 +9,17 @@ Geometry: the ROI (or the whole frame) is the inspected area; its start is moved
 map stride, the area is reflect-padded to a multiple of the stride and to at least one tile (tiling.py),
 tiled, fused at output scale and placed into a frame map of ceil(H/stride) x ceil(W/stride) pixels. Pixels
 outside the ROI or inside an ignore zone are not scored and read 0 in ``FrameResult.anomaly_map``.
+
+Non-finite maps never PASS: decide() FAILs a frame with NaN/inf inspected pixels, and finish_frame FAILs one
+whose engine maps hold NaN/inf anywhere else (padding, ignore zones), score +inf, the reason says so.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -32,12 +36,15 @@ from .tiling import (
     tile_grid,
     to_channels,
 )
-from .verdict import SCORE_MODES, Region, decide
+from .verdict import SCORE_MODES, Region, Verdict, decide
 
-__all__ = ["InspectConfig", "Region", "FrameResult", "ModelGeometry", "PreparedFrame", "model_geometry",
-           "prepare_frame", "finish_frame", "infer_all", "inspect_frame"]
+__all__ = ["SCORING_KEYS", "InspectConfig", "Region", "FrameResult", "ModelGeometry", "PreparedFrame",
+           "TileBuffers", "TILE_BUFFERS", "model_geometry", "prepare_frame", "finish_frame", "infer_all",
+           "inspect_frame"]
 
 Rect = tuple[int, int, int, int]
+# the settings an image threshold depends on: recorded in bundle.json at calibration, the daemon's defaults
+SCORING_KEYS = ("tile_overlap", "fusion", "score", "topk", "smoothing_sigma")
 
 
 def _is_int(value) -> bool:
@@ -174,6 +181,44 @@ def model_geometry(engine) -> ModelGeometry:
                          float(engine.meta.pixel_threshold))
 
 
+class TileBuffers:
+    """Tile batches to reuse, per shape: ``prepare_frame`` copies a frame's tiles into a buffer taken here
+    and ``finish_frame`` gives it back once every tile map has come back (engines copy their input on
+    ``submit``, and no batch of the frame is in flight by then). At most ``keep`` idle buffers per shape
+    and ``max_bytes`` idle in all; a frame that fails never gives its buffer back (it is freed)."""
+
+    def __init__(self, keep: int = 4, max_bytes: int = 256 << 20):
+        self.keep, self.max_bytes = keep, max_bytes
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                buf = free.pop()
+                self._bytes -= buf.nbytes
+                return buf
+        return np.empty(shape, dtype=dtype)
+
+    def give(self, buf: np.ndarray) -> None:
+        key = (buf.shape, buf.dtype.str)
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < self.keep and self._bytes + buf.nbytes <= self.max_bytes:
+                free.append(buf)
+                self._bytes += buf.nbytes
+
+    @property
+    def idle_bytes(self) -> int:
+        return self._bytes
+
+
+TILE_BUFFERS = TileBuffers()  # the process's tile batches (NumPy path)
+
+
 @dataclass
 class PreparedFrame:
     """A frame's tiles and everything needed to turn their maps into a FrameResult."""
@@ -186,6 +231,7 @@ class PreparedFrame:
     area_map_hw: tuple[int, int]  # ROI size in map pixels (crop of the fused padded area)
     mask: np.ndarray | None
     tile_ms: float
+    pooled: bool = False  # tiles taken from TILE_BUFFERS: given back by finish_frame
 
 
 def _plan(frame: np.ndarray, geom: ModelGeometry, config: InspectConfig):
@@ -211,21 +257,27 @@ def prepare_frame(frame: np.ndarray, geom: ModelGeometry, config: InspectConfig,
     start = time.perf_counter()
     area, grid, layout, frame_hw, offset, area_map_hw, mask = _plan(frame, geom, config)
     if device is None:
-        tiles = extract_tiles(area, grid)
+        shape = (grid.count, grid.tile_h, grid.tile_w, area.shape[2])
+        tiles = extract_tiles(area, grid, out=TILE_BUFFERS.take(shape, area.dtype))
     else:
         import torch
 
         tiles = extract_tiles_torch(torch.from_numpy(np.ascontiguousarray(area)).to(device), grid)
     return PreparedFrame(tiles, grid, layout, frame_hw, offset, area_map_hw, mask,
-                         (time.perf_counter() - start) * 1e3)
+                         (time.perf_counter() - start) * 1e3, pooled=device is None)
 
 
 def finish_frame(prepared: PreparedFrame, maps, geom: ModelGeometry, config: InspectConfig,
                  infer_ms: float) -> FrameResult:
-    """Fuse the tile maps (NumPy, or torch on the device path), place them in the frame map, decide."""
+    """Fuse the tile maps (NumPy, or torch on the device path), place them in the frame map, decide.
+
+    ``maps`` are consumed (weighted in place by the fusion); the tiles go back to TILE_BUFFERS."""
     start = time.perf_counter()
+    if prepared.pooled:
+        TILE_BUFFERS.give(prepared.tiles)
+        prepared.tiles, prepared.pooled = None, False
     if isinstance(maps, np.ndarray):
-        fused = fuse(maps, prepared.layout, config.fusion)
+        fused = fuse(maps, prepared.layout, config.fusion, consume=True)
     else:
         fused = fuse_torch(maps, prepared.layout, config.fusion).cpu().numpy()
     map_h, map_w = -(-prepared.frame_hw[0] // geom.stride), -(-prepared.frame_hw[1] // geom.stride)
@@ -241,6 +293,7 @@ def finish_frame(prepared: PreparedFrame, maps, geom: ModelGeometry, config: Ins
                      pixel_threshold=_pick(config.pixel_threshold, geom.pixel_threshold),
                      score_mode=config.score, topk=config.topk, sigma=config.smoothing_sigma,
                      min_area=config.min_region_area, max_regions=config.max_regions)
+    verdict = _guard_nonfinite(verdict, maps, prepared.frame_hw)
     if prepared.mask is not None:
         frame_map[~prepared.mask] = 0.0
     end = time.perf_counter()
@@ -248,6 +301,31 @@ def finish_frame(prepared: PreparedFrame, maps, geom: ModelGeometry, config: Ins
                "verdict": (end - mid) * 1e3}
     return FrameResult(verdict.verdict, verdict.reason, verdict.score, verdict.threshold, verdict.regions,
                        frame_map, timings)
+
+
+def _nonfinite_count(maps) -> int:
+    """NaN/inf values among an engine's tile maps (NumPy or torch)."""
+    if isinstance(maps, np.ndarray):
+        return 0 if np.isfinite(maps).all() else int(np.count_nonzero(~np.isfinite(maps)))
+    import torch
+
+    return int(torch.count_nonzero(~torch.isfinite(maps)).item())
+
+
+def _guard_nonfinite(verdict: Verdict, maps, frame_hw: tuple[int, int]) -> Verdict:
+    """A frame whose engine maps hold NaN/inf never PASSes, even where decide() did not see them (padding,
+    ignore zones, a fusion that dropped them): FAIL, score +inf, the count in the reason. The values lie
+    outside the inspected pixels, so the one region reported is the whole frame (every FAIL says where)."""
+    if verdict.verdict != "PASS":
+        return verdict
+    bad = _nonfinite_count(maps)
+    if not bad:
+        return verdict
+    reason = (f"engine returned {bad} non-finite map values (NaN/inf, numeric overflow?) outside the "
+              f"inspected pixels, FAIL by rule; region: the whole frame; was: {verdict.reason}")
+    height, width = frame_hw
+    whole = Region(x=0, y=0, w=width, h=height, area=width * height, peak=math.inf, mean=math.inf)
+    return replace(verdict, verdict="FAIL", reason=reason, score=math.inf, regions=[whole])
 
 
 def _pick(override: float | None, default: float) -> float:

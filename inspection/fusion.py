@@ -97,15 +97,23 @@ def _check_maps(maps, layout: FusionLayout) -> None:
                          f"{' x '.join(map(str, maps.shape))}")
 
 
-def fuse(maps: np.ndarray, layout: FusionLayout, mode: str = "blend") -> np.ndarray:
-    """count x 1 x h x w tile maps -> out_h x out_w float32 fused map (a new array)."""
+def fuse(maps: np.ndarray, layout: FusionLayout, mode: str = "blend", consume: bool = False) -> np.ndarray:
+    """count x 1 x h x w tile maps -> out_h x out_w float32 fused map (a new array).
+
+    ``consume=True``: the maps may be overwritten (blend weights them in place instead of in a temporary
+    of the same size)."""
     _check_maps(maps, layout)
     h, w = layout.map_h, layout.map_w
     if mode == "blend":
         out = np.zeros((layout.out_h, layout.out_w), dtype=np.float32)
-        weighted = maps[:, 0] * layout.weights
+        tiles = maps[:, 0]
+        if consume and tiles.dtype == np.float32 and tiles.flags.writeable:
+            weighted = np.multiply(tiles, layout.weights, out=tiles)
+        else:
+            weighted = tiles * layout.weights
         for k, (y, x) in enumerate(zip(layout.ys, layout.xs, strict=True)):
-            out[y:y + h, x:x + w] += weighted[k]
+            view = out[y:y + h, x:x + w]
+            view += weighted[k]
     elif mode == "max":
         out = np.full((layout.out_h, layout.out_w), -np.inf, dtype=np.float32)
         for k, (y, x) in enumerate(zip(layout.ys, layout.xs, strict=True)):
