@@ -10,7 +10,9 @@ OpenCV only for JPEG/PNG encoding).
         for v in sub: ...                     # forever (each wait has a timeout inside)
 
 Every socket has linger 0 and every receive a timeout. Topics are prefixes in ZeroMQ, so the subscriber
-filters on the exact camera id: "cam1" does not receive "cam10".
+filters on the exact camera id: "cam1" does not receive "cam10". Anything on the output that does not match
+docs/protocol.md (a malformed record or map) is skipped and counted in ``VerdictSubscriber.malformed``,
+never raised.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .cameras import camera_id_problem
 from .protocol import PROTOCOL_VERSION, encode_header
 
 __all__ = ["FramePublisher", "VerdictSubscriber", "Verdict", "AnomalyMap", "CurveClientKeys"]
@@ -58,8 +61,10 @@ class Verdict:
     receive_ns: int | None = None
     model_id: str = ""
     reason: str = ""
+    code: str = ""  # reason class of errors and drops (docs/protocol.md); "" for verdicts
     v: int = PROTOCOL_VERSION
     seq: int | None = None  # per-camera publication counter (gaps: records this subscriber missed)
+    seq_epoch: int | None = None  # which numbering ``seq`` belongs to (changes: numbering restarted)
 
     @classmethod
     def from_record(cls, record: dict) -> Verdict:
@@ -76,6 +81,16 @@ class AnomalyMap:
     camera_id: str
     frame_id: int
     map: np.ndarray  # float32, down-scaled
+    seq: int | None = None  # the seq of the verdict this map belongs to
+
+    @classmethod
+    def from_message(cls, camera_id: str, body: dict) -> AnomalyMap:
+        """KeyError / TypeError / ValueError when ``body`` is not a map message."""
+        shape = body["shape"]
+        if body["dtype"] != "float32" or len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"not a float32 2-D map: {body['dtype']!r} {shape!r}")
+        arr = np.frombuffer(body["data"], dtype="<f4").reshape(shape)
+        return cls(camera_id, body["frame_id"], arr, body.get("seq"))
 
 
 def _raw_encoding(frame: np.ndarray, color: str) -> tuple[str, int]:
@@ -110,6 +125,9 @@ class FramePublisher:
         curve: CurveClientKeys | None = None,
         context: zmq.Context | None = None,
     ):
+        problem = camera_id_problem(camera_id)
+        if problem:
+            raise ValueError(problem)
         if color not in ("bgr8", "rgb8"):
             raise ValueError(f"color must be bgr8 or rgb8, got {color!r}")
         if socket_type not in ("push", "pub"):
@@ -190,7 +208,10 @@ class VerdictSubscriber:
 
     ``missed`` counts records this subscriber did not get, from gaps in each camera's ``seq`` (a reader
     slower than the daemon past its high-water mark loses records: ZeroMQ PUB drops them for that reader
-    only); ``missed_by_camera`` has the detail. A ``seq`` that goes back means the daemon restarted."""
+    only); ``missed_by_camera`` has the detail. ``resets`` counts changes of a camera's ``seq_epoch``: its
+    numbering restarted (the daemon restarted, or an unconfigured camera's counter was forgotten under id
+    churn), so records in between may be missing, how many is unknown; the new numbering's first ``seq``
+    records are counted as missed. ``malformed`` counts messages that do not follow docs/protocol.md."""
 
     def __init__(
         self,
@@ -204,9 +225,10 @@ class VerdictSubscriber:
     ):
         self.cameras = None if cameras is None else set(cameras)
         self.maps = maps
-        self.missed = 0
+        self.missed = self.resets = self.malformed = 0
         self.missed_by_camera: dict[str, int] = {}
-        self._last_seq: dict[str, int] = {}
+        self.resets_by_camera: dict[str, int] = {}
+        self._last_seq: dict[str, tuple] = {}  # camera -> (seq_epoch, seq)
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
@@ -216,10 +238,24 @@ class VerdictSubscriber:
             curve.apply(self._sock)
         for topic in [""] if self.cameras is None else sorted(self.cameras):
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(endpoint)
         self._unpacker = dict(
             raw=False, max_str_len=1 << 20, max_bin_len=64 << 20, max_array_len=1 << 16, max_map_len=1 << 10
         )
+
+    def wait_connected(self, timeout_s: float = 5.0) -> bool:
+        """True once the connection to the daemon is up (its handshake done: the subscriptions are sent right
+        after it), False after ``timeout_s``. ZeroMQ delivers no record published before a subscription
+        reaches the daemon: wait for this before sending frames whose records must all arrive."""
+        if self._monitor is None:
+            return True
+        if not self._monitor.poll(int(timeout_s * 1000)):
+            return False
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._monitor = None
+        return True
 
     def _wanted(self, topic: str) -> bool:
         camera, _, suffix = topic.partition("/")
@@ -234,28 +270,49 @@ class VerdictSubscriber:
             if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 return None
             parts = self._sock.recv_multipart()
-            if len(parts) != 2:
-                continue
             topic = parts[0].decode(errors="replace")
             if not self._wanted(topic):
                 continue
+            item = self._parse(topic, parts)
+            if item is None:
+                self.malformed += 1
+                continue
+            if isinstance(item, Verdict):
+                self._count_gap(item)
+            return item
+
+    def _parse(self, topic: str, parts: list[bytes]) -> Verdict | AnomalyMap | None:
+        """The item a [topic, msgpack body] message carries, or None when it does not follow the protocol."""
+        if len(parts) != 2:
+            return None
+        try:
             body = msgpack.unpackb(parts[1], **self._unpacker)
+            if not isinstance(body, dict):
+                return None
             if topic.endswith("/map"):
-                arr = np.frombuffer(body["data"], dtype=body["dtype"]).reshape(body["shape"])
-                return AnomalyMap(topic[:-4], body["frame_id"], arr)
+                return AnomalyMap.from_message(topic[:-4], body)
             verdict = Verdict.from_record(body)
-            self._count_gap(verdict)
-            return verdict
+        except (KeyError, TypeError, ValueError):
+            return None
+        return verdict if verdict.camera_id == topic else None
 
     def _count_gap(self, verdict: Verdict) -> None:
         if not isinstance(verdict.seq, int):
             return  # a daemon without sequence numbers
-        last = self._last_seq.get(verdict.camera_id)
-        self._last_seq[verdict.camera_id] = verdict.seq
-        if last is not None and verdict.seq > last + 1:
-            gap = verdict.seq - last - 1
+        cam = verdict.camera_id
+        last = self._last_seq.get(cam)
+        self._last_seq[cam] = (verdict.seq_epoch, verdict.seq)
+        if last is None:
+            return  # the first record seen from this camera: nothing to compare with
+        if verdict.seq_epoch != last[0]:  # a new numbering: records 0 .. seq-1 of it were missed
+            self.resets += 1
+            self.resets_by_camera[cam] = self.resets_by_camera.get(cam, 0) + 1
+            gap = verdict.seq
+        else:
+            gap = verdict.seq - last[1] - 1
+        if gap > 0:
             self.missed += gap
-            self.missed_by_camera[verdict.camera_id] = self.missed_by_camera.get(verdict.camera_id, 0) + gap
+            self.missed_by_camera[cam] = self.missed_by_camera.get(cam, 0) + gap
 
     def __iter__(self) -> Iterator[Verdict | AnomalyMap]:
         while True:
@@ -264,6 +321,9 @@ class VerdictSubscriber:
                 yield item
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._sock.close(linger=0)
         if self._own_ctx:
             self._ctx.term()

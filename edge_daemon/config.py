@@ -1,6 +1,8 @@
 """Daemon configuration: YAML parsed and validated once into frozen dataclasses.
 
-Errors name the key and the problem: ``ConfigError("workers.count: must be >= 1, got 0")``. Nothing below
+Errors name the key and the problem: ``ConfigError("workers.count: must be >= 1, got 0")``. Relative paths
+(``engine.bundle``, ``--bundle``) mean the current directory, as everywhere in edge-inspect; ``load_config``
+makes the bundle path absolute, so child processes and log lines see where it really is. Nothing below
 this module reads raw dicts, except the ``inspection`` mapping, which goes to
 ``InspectConfig.from_mapping`` (the pipeline owns its schema) merged with each camera's overrides.
 The resolved config round-trips through ``to_mapping`` (JSON-safe), which is how child processes get it.
@@ -10,15 +12,20 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from .cameras import camera_id_problem
+
 __all__ = [
     "ConfigError",
     "DaemonConfig",
     "EngineSettings",
+    "TritonSettings",
+    "TlsSettings",
     "Endpoints",
     "MaxFrame",
     "QueueSettings",
@@ -30,15 +37,36 @@ __all__ = [
     "check_key_permissions",
 ]
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
-PRECISIONS = (None, "fp32", "fp16")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt", "triton")
+TRITON_PROTOCOLS = ("grpc", "http")
+PRECISIONS = (None, "auto", "fp32", "tf32", "fp16", "bf16", "int8")  # which backend runs which: engines.md
 DROP_POLICIES = ("drop-oldest", "reject-newest")
 INGEST_MODES = ("pull", "sub")
 IMAGEZMQ_MODES = ("rep", "sub")
+PROCESS_MODES = ("multi", "single")  # docs/architecture.md: one process per role, or one for all
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    ca: str | None = None  # CA of the server certificate (None: the system's CAs)
+    cert: str | None = None  # client certificate + key: mutual TLS
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """engine.triton: where backend triton sends batches (docs/scale-out.md)."""
+
+    url: str  # host:port
+    model: str
+    protocol: str = "grpc"
+    timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,16 @@ class EngineSettings:
     max_delay_us: int = 2000
     threads: int | None = None
     cache_dir: str | None = None
+    triton: TritonSettings | None = None
+
+    def backend_options(self) -> dict:
+        """Backend-specific keyword options of engines.open_engine (only triton has any)."""
+        if self.triton is None:
+            return {}
+        t, tls = self.triton, self.triton.tls
+        return {"url": t.url, "model": t.model, "protocol": t.protocol, "timeout_s": t.timeout_s,
+                "connect_timeout_s": t.connect_timeout_s, "tls": tls is not None,
+                "tls_ca": tls and tls.ca, "tls_cert": tls and tls.cert, "tls_key": tls and tls.key}
 
 
 @dataclass(frozen=True)
@@ -113,15 +151,16 @@ class DaemonConfig:
     inspection: dict = field(default_factory=dict)
     curve: CurveSettings | None = None
     instance: str = "edge"
-    runtime_dir: str | None = None  # ipc sockets and lock; default /tmp/edge-inspect-<instance>
+    runtime_dir: str | None = None  # ipc sockets and lock; default $TMPDIR/edge-inspect-<instance>
     shutdown_timeout_s: float = 10.0
     map_downscale: int = 0  # 0: no anomaly maps published; k: publish every map down-scaled by k
     log_format: str = "kv"
     log_level: str = "INFO"
+    process_mode: str = "multi"  # multi: ingest, workers, publisher in processes; single: one process
 
     @property
     def runtime_path(self) -> Path:
-        return Path(self.runtime_dir or f"/tmp/edge-inspect-{self.instance}")
+        return Path(self.runtime_dir or Path(tempfile.gettempdir()) / f"edge-inspect-{self.instance}")
 
     def camera(self, camera_id: str) -> CameraConfig | None:
         return next((c for c in self.cameras if c.id == camera_id), None)
@@ -204,7 +243,49 @@ def _rect(value, key: str) -> tuple[int, int, int, int]:
 # ---- sections -------------------------------------------------------------------------------------------
 
 
-def _engine(data: dict) -> EngineSettings:
+def _tls(sec: dict, base_dir: Path | None) -> TlsSettings | None:
+    if sec.get("tls") is None:
+        return None
+    w = "engine.triton.tls."
+    tls = _section(sec, "tls", "engine.triton.")
+    _no_extra(tls, TlsSettings.__dataclass_fields__, w)
+    paths = {}
+    for key in ("ca", "cert", "key"):
+        value = _str(tls, key, w, None, optional=True)
+        if value is not None and base_dir is not None and not Path(value).is_absolute():
+            value = str((base_dir / value).resolve())
+        if value is not None and not Path(value).is_file():
+            _fail(f"{w}{key}", f"file {value} does not exist")
+        paths[key] = value
+    if (paths["cert"] is None) != (paths["key"] is None):
+        _fail(f"{w}cert", "cert and key come together (mutual TLS) or not at all")
+    return TlsSettings(**paths)
+
+
+def _triton(sec: dict, backend: str, base_dir: Path | None) -> TritonSettings | None:
+    if sec.get("triton") is None:
+        if backend == "triton":
+            _fail("engine.triton", "is required with backend triton (url, model; docs/scale-out.md)")
+        return None
+    if backend != "triton":
+        _fail("engine.triton", f"applies to backend triton only, backend is {backend!r}")
+    w = "engine.triton."
+    tri = _section(sec, "triton", "engine.")
+    _no_extra(tri, TritonSettings.__dataclass_fields__, w)
+    url = _str(tri, "url", w, None)
+    if "://" in url or ":" not in url:
+        _fail(f"{w}url", f"must be host:port without a scheme, got {url!r}")
+    return TritonSettings(
+        url=url,
+        model=_str(tri, "model", w, None),
+        protocol=_str(tri, "protocol", w, "grpc", TRITON_PROTOCOLS),
+        timeout_s=_num(tri, "timeout_s", w, 5.0, lo=0.001),
+        connect_timeout_s=_num(tri, "connect_timeout_s", w, 5.0, lo=0.001),
+        tls=_tls(tri, base_dir),
+    )
+
+
+def _engine(data: dict, base_dir: Path | None = None) -> EngineSettings:
     w = "engine."
     sec = _section(data, "engine", "")
     _no_extra(sec, EngineSettings.__dataclass_fields__, w)
@@ -212,10 +293,12 @@ def _engine(data: dict) -> EngineSettings:
         _fail("engine.bundle", "is required (path of the model bundle directory)")
     precision = sec.get("precision")
     if precision not in PRECISIONS:
-        _fail("engine.precision", f"must be fp32 or fp16 (or absent), got {precision!r}")
+        _fail("engine.precision",
+              f"must be auto, fp32, tf32, fp16, bf16 or int8 (or absent), got {precision!r}")
+    backend = _str(sec, "backend", w, "auto", BACKENDS)
     return EngineSettings(
         bundle=_str(sec, "bundle", w, None),
-        backend=_str(sec, "backend", w, "auto", BACKENDS),
+        backend=backend,
         device=_str(sec, "device", w, None, optional=True),
         precision=precision,
         streams=_int(sec, "streams", w, 2, 1),
@@ -223,6 +306,7 @@ def _engine(data: dict) -> EngineSettings:
         max_delay_us=_int(sec, "max_delay_us", w, 2000, 0),
         threads=_int(sec, "threads", w, None, 1, True),
         cache_dir=_str(sec, "cache_dir", w, None, optional=True),
+        triton=_triton(sec, backend, base_dir),
     )
 
 
@@ -297,8 +381,9 @@ def _cameras(data: dict) -> tuple[CameraConfig, ...]:
             _fail(f"cameras[{i}]", "must be a mapping with at least 'id'")
         _no_extra(cam, CameraConfig.__dataclass_fields__, w)
         cid = _str(cam, "id", w, None)
-        if len(cid) > 64 or "/" in cid:
-            _fail(f"{w}id", f"must be <= 64 characters without '/', got {cid!r}")
+        problem = camera_id_problem(cid)
+        if problem:
+            _fail(f"{w}id", f"{problem}, got {cid!r}")
         if cid in seen:
             _fail(f"{w}id", f"duplicate camera id {cid!r}")
         seen.add(cid)
@@ -371,11 +456,12 @@ TOP_KEYS = (
     "map_downscale",
     "log_format",
     "log_level",
+    "process_mode",
 )
 
 
 def config_from_mapping(data: dict, base_dir: Path | None = None) -> DaemonConfig:
-    """Validate a parsed YAML mapping; relative paths are resolved against base_dir."""
+    """Validate a parsed YAML mapping; a relative engine.bundle is resolved against base_dir when given."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: must be a mapping at the top level, got {type(data).__name__}")
     _no_extra(data, TOP_KEYS, "")
@@ -386,12 +472,15 @@ def config_from_mapping(data: dict, base_dir: Path | None = None) -> DaemonConfi
     )
     _no_extra(workers, ("count",), "workers.")
     count = _int(workers, "count", "workers.", 1, 1)
-    engine = _engine(data)
+    engine = _engine(data, base_dir)
     if base_dir is not None and not Path(engine.bundle).is_absolute():
         engine = replace(engine, bundle=str((base_dir / engine.bundle).resolve()))
     inspection = data.get("inspection", {}) or {}
     if not isinstance(inspection, dict):
         _fail("inspection", "must be a mapping")
+    mode = _str(data, "process_mode", "", "multi", PROCESS_MODES)
+    if mode == "single" and count != 1:
+        _fail("process_mode", f"single runs exactly one worker (workers.count 1), got {count}")
     instance = _str(data, "instance", "", "edge")
     if not instance.replace("-", "").replace("_", "").isalnum() or len(instance) > 32:
         _fail("instance", f"must be <= 32 letters, digits, '-' or '_', got {instance!r}")
@@ -410,11 +499,13 @@ def config_from_mapping(data: dict, base_dir: Path | None = None) -> DaemonConfi
         map_downscale=_int(data, "map_downscale", "", 0, 0),
         log_format=_str(data, "log_format", "", "kv", ("kv", "json")),
         log_level=_str(data, "log_level", "", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        process_mode=mode,
     )
 
 
 def load_config(path: str | Path, bundle: str | None = None) -> DaemonConfig:
-    """Read and validate a YAML config file; ``bundle`` overrides engine.bundle."""
+    """Read and validate a YAML config file; ``bundle`` overrides engine.bundle. Relative paths (in the file
+    and ``bundle``) are relative to the current directory, not to the file's folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: file {path} does not exist")
@@ -424,7 +515,7 @@ def load_config(path: str | Path, bundle: str | None = None) -> DaemonConfig:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
     if isinstance(data, dict) and bundle:
         data = {**data, "engine": {**(data.get("engine") or {}), "bundle": str(bundle)}}
-    return config_from_mapping(data, base_dir=path.parent)
+    return config_from_mapping(data, base_dir=Path.cwd())
 
 
 def camera_inspection_mapping(cfg: DaemonConfig, camera_id: str, keys: dict[str, str] | None = None) -> dict:

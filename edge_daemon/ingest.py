@@ -3,343 +3,203 @@
 Sockets
   frames    PULL bind (default) or SUB connect on ``endpoints.ingest``: protocol v1 [msgpack header, payload]
   imagezmq  optional REP bind (answers b'OK' to every message) or SUB connect: imagezmq's [json, payload]
+  monitors  libzmq monitors of frames and imagezmq: connection events, counted (over-size messages)
   ctl       PULL bind ipc ``ingest.ipc``: worker hello/done (credits, released slots), supervisor commands
   work-<i>  PUSH bind ipc per worker: descriptors, only while that worker has credit
   records   PUSH connect to the publisher: error and drop records made here
   stats     PUSH connect to the supervisor: metric snapshots, ``drained`` at the end
 
-Ingest alone owns the slot free list and the bounded queue of frames waiting for a worker; when the queue
-is full the drop policy picks which frame gets a drop record. Every message that arrives gets exactly one
-record, from here (error, drop, worker lost, shutdown) or from a worker (verdict, error).
+A raw mono8/mono16/rgb8 payload is received straight into its slot (``Socket.recv_into``: libzmq copies
+it once out of its receive buffer, the copy the frame needs anyway); every other message is received whole
+and decoded or copied into its slot. Both paths answer alike (tests/test_ingest_direct.py).
+
+Ingest alone owns the slot free list and the bounded queue of frames waiting for a worker; a frame is handed
+to a worker with credit as soon as it is read, and only when none has credit does it wait; when the queue is
+full the drop policy picks which frame gets a drop record. Every message that arrives gets exactly one
+record, from here (error, drop, worker lost, shutdown) or from a worker (verdict, error). Messages the
+transport refuses (a part over the hard size limit) never arrive: they are counted from the socket monitor.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
-import cv2
-import numpy as np
 import zmq
 
+from .cameras import CameraCounters, CameraLabels
 from .config import DaemonConfig
+from .frames import FrameIn, check_payload_size, decode_into, direct_layout, parse_imagezmq, parse_protocol
 from .logs import get_logger, log
-from .metrics import CameraLabels, Metrics
-from .protocol import (
-    MAX_CAMERA_ID,
-    MAX_HEADER_BYTES,
-    FrameHeader,
-    ProtocolError,
-    check_raw_payload,
-    decode_header,
-    make_record,
-)
+from .metrics import Metrics
+from .protocol import PROTOCOL_ERROR_CODES, ProtocolError, check_raw_payload, decode_header, make_record
 from .shm import FreeList, SlotRing
-from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
+from .transport import (
+    TRANSPORT_EVENTS,
+    CurveServer,
+    SocketMonitor,
+    close_socket,
+    ipc_endpoint,
+    make_socket,
+    recv_msg,
+    send_msg,
+)
 
-__all__ = [
-    "Ingest",
-    "FrameIn",
-    "decode_into",
-    "encoded_size",
-    "parse_protocol",
-    "parse_imagezmq",
-    "run_ingest",
-]
+__all__ = ["Ingest", "run_ingest", "hard_limit", "MAX_IMAGEZMQ_CAMERAS"]
 
-_TO_RGB = {("bgr", 3): cv2.COLOR_BGR2RGB, ("bgr", 4): cv2.COLOR_BGRA2RGB, ("rgb", 4): cv2.COLOR_RGBA2RGB}
-
-
-@dataclass
-class FrameIn:
-    """A received frame before it has a slot: header fields plus the pixel source."""
-
-    camera_id: str
-    frame_id: int
-    capture_ns: int
-    receive_ns: int
-    encoding: str  # protocol encoding, or "imagezmq-raw" / "jpeg" for imagezmq
-    payload: memoryview
-    shape: tuple[int, ...] = ()  # raw only: h, w[, c]
-    dtype: str = "uint8"
-
-
-def _slot_shape(img: np.ndarray) -> tuple[int, ...]:
-    """Frames are stored mono (H, W) or RGB (H, W, 3), uint8 or uint16; the pipeline converts the rest."""
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    return img.shape[:2] if channels == 1 else (*img.shape[:2], 3)
-
-
-def _copy_to_slot(img: np.ndarray, color: str, out: np.ndarray) -> None:
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    code = _TO_RGB.get((color, channels))
-    if code is None:
-        np.copyto(out, img.reshape(out.shape))
-        return
-    res = cv2.cvtColor(img, code, dst=out)
-    if not np.shares_memory(res, out):
-        np.copyto(out, res)
-
-
-MAX_IMAGEZMQ_CAMERAS = 1024
+MAX_IMAGEZMQ_CAMERAS = 1024  # unconfigured imagezmq camera ids with a frame counter (configured ones: all)
+RECEIVE_BATCH = 64  # messages taken from one external socket per loop iteration (each dispatched as read)
 STOP_DRAIN_LIMIT = 4096  # messages taken from the external sockets' buffers when a stop arrives
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the image size
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
-    if buf[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(buf):
-        if buf[i] != 0xFF:
-            return None
-        marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
-            i += 2
-            continue
-        length = int.from_bytes(buf[i + 2 : i + 4], "big")
-        if marker in _JPEG_SOF and i + 9 <= len(buf):
-            return int.from_bytes(buf[i + 7 : i + 9], "big"), int.from_bytes(buf[i + 5 : i + 7], "big")
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
-
-
-def encoded_size(payload, encoding: str) -> tuple[int, int] | None:
-    """(width, height) read from a PNG IHDR or a JPEG SOF header without decoding; None if unreadable.
-
-    Checked before ``cv2.imdecode`` so that a small compressed "bomb" claiming a huge image is refused
-    before any pixel memory is allocated."""
-    buf = bytes(payload[:65536])
-    if encoding == "png":
-        if buf[:8] != _PNG_SIGNATURE or buf[12:16] != b"IHDR" or len(buf) < 24:
-            return None
-        return int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
-    return _jpeg_size(buf)
-
-
-def _imdecode(frame: FrameIn, max_w: int, max_h: int) -> np.ndarray:
-    def refuse(problem: str) -> ProtocolError:
-        return ProtocolError(
-            f"{frame.encoding} payload of {len(frame.payload)} bytes {problem}",
-            frame.camera_id,
-            frame.frame_id,
-        )
-
-    size = encoded_size(frame.payload, frame.encoding)
-    if size is None:
-        raise refuse("could not be decoded: no readable image header (truncated or corrupt)")
-    if size[0] > max_w or size[1] > max_h or 0 in size:
-        raise refuse(f"claims {size[0]}x{size[1]}, over the configured maximum {max_w}x{max_h}")
-    try:
-        img = cv2.imdecode(np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise refuse(f"could not be decoded (OpenCV: {str(exc).strip().splitlines()[-1][:200]})") from exc
-    if img is None or img.size == 0:
-        raise refuse("could not be decoded (truncated or corrupt)")
-    if img.dtype not in (np.uint8, np.uint16) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-        raise refuse(f"decodes to an unsupported {img.dtype} image of shape {img.shape}")
-    return img
-
-
-def decode_into(
-    frame: FrameIn, ring: SlotRing, slot: int, max_w: int, max_h: int
-) -> tuple[tuple[int, ...], str]:
-    """Decode/copy ``frame`` into ``slot`` (mono or RGB, native depth); return the slot view's (shape, dtype).
-
-    Raw payloads are copied once (from the zmq buffer); JPEG/PNG are decoded then copied."""
-    if frame.encoding in ("jpeg", "png"):
-        img = _imdecode(frame, max_w, max_h)
-        color = "bgr"
-    else:
-        img = np.frombuffer(frame.payload, dtype=frame.dtype).reshape(frame.shape)
-        color = "rgb" if frame.encoding == "rgb8" else "bgr"
-    h, w = img.shape[:2]
-    if w > max_w or h > max_h:
-        raise ProtocolError(
-            f"frame {w}x{h} exceeds the configured maximum {max_w}x{max_h}", frame.camera_id, frame.frame_id
-        )
-    shape = _slot_shape(img)
-    if int(np.prod(shape)) * img.dtype.itemsize > ring.slot_bytes:
-        raise ProtocolError(
-            f"frame {shape} {img.dtype} exceeds the configured maximum frame size ({ring.slot_bytes} bytes)",
-            frame.camera_id,
-            frame.frame_id,
-        )
-    _copy_to_slot(img, color, ring.view(slot, shape, img.dtype))
-    return shape, img.dtype.name
-
-
-def parse_protocol(parts: list, receive_ns: int, max_bytes: int) -> FrameIn:
-    """A protocol v1 message [header, payload] -> FrameIn (validated), or ProtocolError."""
-    if len(parts) != 2:
-        raise ProtocolError(f"expected 2 message parts [header, payload], got {len(parts)}")
-    header: FrameHeader = decode_header(parts[0].buffer)
-    payload = parts[1].buffer
-    cam, fid = header.camera_id, header.frame_id
-    if len(payload) == 0:
-        raise ProtocolError("payload is empty", cam, fid)
-    if len(payload) > max_bytes:
-        raise ProtocolError(
-            f"payload is {len(payload)} bytes, over the configured maximum {max_bytes}", cam, fid
-        )
-    shape: tuple[int, ...] = ()
-    if header.is_raw:
-        check_raw_payload(header, len(payload))
-        shape = (header.height, header.width) + ((header.channels,) if header.channels > 1 else ())
-    return FrameIn(
-        cam, fid, header.timestamp_ns, receive_ns, header.encoding, payload, shape, header.dtype.name
-    )
-
-
-def parse_imagezmq(parts: list, receive_ns: int, max_bytes: int, next_id) -> FrameIn:
-    """imagezmq's [json {"msg", "dtype", "shape"} | {"msg"[, "jpg_buffer"]}, payload] -> FrameIn."""
-    if len(parts) != 2:
-        raise ProtocolError(f"imagezmq: expected 2 message parts, got {len(parts)}")
-    raw = parts[0].bytes
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"imagezmq: header is {len(raw)} bytes, limit {MAX_HEADER_BYTES}")
-    try:
-        md = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"imagezmq: header is not JSON: {exc}") from exc
-    if not isinstance(md, dict) or not isinstance(md.get("msg"), str):
-        raise ProtocolError("imagezmq: header must be a JSON object with a string 'msg' (the camera id)")
-    cam = md["msg"]
-    if not cam or len(cam) > MAX_CAMERA_ID or "/" in cam or not cam.isprintable():
-        raise ProtocolError(f"imagezmq: msg must be a camera id of 1..{MAX_CAMERA_ID} characters without '/'")
-    payload = parts[1].buffer
-    fid = next_id(cam)
-    if len(payload) == 0 or len(payload) > max_bytes:
-        raise ProtocolError(f"imagezmq: payload of {len(payload)} bytes (limit {max_bytes})", cam, fid)
-    if "shape" not in md and "dtype" not in md:
-        return FrameIn(cam, fid, receive_ns, receive_ns, "jpeg", payload)
-    shape, dtype = md.get("shape"), md.get("dtype")
-    ok_shape = (
-        isinstance(shape, list)
-        and len(shape) in (2, 3)
-        and all(isinstance(v, int) and v > 0 for v in shape)
-        and (len(shape) == 2 or shape[2] in (1, 3, 4))
-    )
-    if not ok_shape or dtype not in ("uint8", "uint16"):
-        raise ProtocolError(f"imagezmq: unsupported array shape {shape!r} / dtype {dtype!r}", cam, fid)
-    if int(np.prod(shape)) * np.dtype(dtype).itemsize != len(payload):
-        raise ProtocolError(
-            f"imagezmq: payload is {len(payload)} bytes, shape {shape} {dtype} needs "
-            f"{int(np.prod(shape)) * np.dtype(dtype).itemsize}",
-            cam,
-            fid,
-        )
-    return FrameIn(cam, fid, receive_ns, receive_ns, "imagezmq-raw", payload, tuple(shape), dtype)
+def hard_limit(cfg: DaemonConfig) -> int:
+    """ZMQ_MAXMSGSIZE of the camera sockets, per message part: 4 x max_frame bytes + 1 MiB. A part up to it
+    gets an error record when it is over max_frame; a larger one makes libzmq drop the connection."""
+    return 4 * cfg.max_frame.nbytes + (1 << 20)
 
 
 @dataclass
 class _WorkerState:
     gen: int
     credit: int
-    sock: zmq.Socket
 
 
 class Ingest:
-    def __init__(self, cfg: DaemonConfig, ring: SlotRing, ctx: zmq.Context):
-        self.cfg, self.ring, self.ctx = cfg, ring, ctx
+    """The ingest process's state and loop. ``local=True`` (single-process mode, single.py): no sockets
+    towards workers, the publisher or the supervisor's stats; ``attach_local`` gives the callables that
+    take a worker's descriptors and the records instead, and frames are kept where they were received
+    (``LocalSlots``) instead of being copied into shared memory. ``curve``: a CurveServer to share (one
+    authenticator per process); by default ingest makes its own when the config asks for CURVE."""
+
+    def __init__(self, cfg: DaemonConfig, ring, ctx: zmq.Context, *, local: bool = False, curve=None):
+        self.cfg, self.ring, self.ctx, self.local = cfg, ring, ctx, local
         self.free = FreeList(ring.slots)
         self.queue: deque[dict] = deque()
-        self.inflight: dict[int, dict[int, dict]] = {
-            i: {} for i in range(cfg.workers)
-        }  # worker -> slot -> desc
+        self.inflight: dict[int, dict[int, dict]] = {i: {} for i in range(cfg.workers)}  # worker->slot->desc
         self.workers: dict[int, _WorkerState | None] = dict.fromkeys(range(cfg.workers))
-        self.metrics = Metrics()
-        self.cam = CameraLabels(c.id for c in cfg.cameras)
+        configured = [c.id for c in cfg.cameras]
+        self.labels = CameraLabels(configured)
         self.logger = get_logger()
         self.received = 0
         self.stopping_until: float | None = None
-        self._ids: dict[str, int] = {}
+        self._izmq_ids = CameraCounters(configured, MAX_IMAGEZMQ_CAMERAS)
+        # raw frames received straight into their shared-memory slot (pyzmq >= 26.4 has Socket.recv_into)
+        self.direct = not local and hasattr(zmq.Socket, "recv_into")
+        self._last_receive_ns = 0
         self.max_payload = cfg.max_frame.nbytes
+        self.hard_limit = hard_limit(cfg)
+        self._own_curve = curve is None
+        self.curve = curve
+        self.to_worker: dict = {}
+        self.to_publisher = None
         self._open_sockets()
+        self.metrics = Metrics()
+        self._declare_metrics()
+
+    def _declare_metrics(self) -> None:
+        m = self.metrics
+        m.declare("edge_frames_received_total", [{"camera": v} for v in self.labels.values()])
+        m.declare("edge_protocol_errors_total", [{"reason": code} for code in PROTOCOL_ERROR_CODES])
+        m.declare(
+            "edge_transport_events_total",
+            [{"socket": mon.name, "event": e} for mon in self.monitors for e in TRANSPORT_EVENTS],
+        )
 
     # ---- sockets ----------------------------------------------------------------------------------------
     def _open_sockets(self) -> None:
         cfg, rt = self.cfg, self.cfg.runtime_path
-        self.curve = None
-        if cfg.curve is not None and cfg.curve.on_ingest:
+        self._secure = cfg.curve is not None and cfg.curve.on_ingest
+        if self._secure and self.curve is None:
             self.curve = CurveServer(self.ctx, cfg.curve.server_secret, cfg.curve.clients_dir)
-        hard_limit = 4 * self.max_payload + (1 << 20)  # beyond this a peer is cut off without a record
+        pull = cfg.endpoints.ingest_mode == "pull"
         self.frames = make_socket(
-            self.ctx,
-            zmq.PULL if cfg.endpoints.ingest_mode == "pull" else zmq.SUB,
-            maxmsgsize=hard_limit,
-            rcvhwm=max(4, cfg.queue.size),
+            self.ctx, zmq.PULL if pull else zmq.SUB, maxmsgsize=self.hard_limit, rcvhwm=max(4, cfg.queue.size)
         )
-        self._attach(self.frames, cfg.endpoints.ingest, cfg.endpoints.ingest_mode == "pull")
+        self.monitors = [SocketMonitor(self.frames, "frames")]
+        self._attach(self.frames, cfg.endpoints.ingest, pull)
         self.izmq = None
         if cfg.endpoints.imagezmq:
             rep = cfg.endpoints.imagezmq_mode == "rep"
-            self.izmq = make_socket(self.ctx, zmq.REP if rep else zmq.SUB, maxmsgsize=hard_limit)
+            self.izmq = make_socket(self.ctx, zmq.REP if rep else zmq.SUB, maxmsgsize=self.hard_limit)
+            self.monitors.append(SocketMonitor(self.izmq, "imagezmq"))
             self._attach(self.izmq, cfg.endpoints.imagezmq, rep)
         self.ctl = make_socket(self.ctx, zmq.PULL)
         self.ctl.bind(ipc_endpoint(rt, "ingest.ipc"))
-        self.work = {}
+        self.work, self.records, self.stats = {}, None, None
+        if self.local:
+            return
         for i in range(cfg.workers):
             self.work[i] = make_socket(self.ctx, zmq.PUSH, sndhwm=0)
             self.work[i].bind(ipc_endpoint(rt, f"work-{i}.ipc"))
+            self.to_worker[i] = functools.partial(send_msg, self.work[i])
         self.records = make_socket(self.ctx, zmq.PUSH, sndhwm=0)
         self.records.connect(ipc_endpoint(rt, "publisher.ipc"))
+        self.to_publisher = functools.partial(send_msg, self.records)
         self.stats = make_socket(self.ctx, zmq.PUSH, sndhwm=100)
         self.stats.connect(ipc_endpoint(rt, "stats.ipc"))
 
+    def attach_local(self, to_worker, to_publisher) -> None:
+        """Single-process mode: ``to_worker(desc)`` (worker 0) and ``to_publisher(msg)`` are called
+        directly where the sockets would be written."""
+        self.to_worker = {0: to_worker}
+        self.to_publisher = to_publisher
+
     def _attach(self, sock: zmq.Socket, endpoint: str, bind: bool) -> None:
-        if self.curve is not None:
+        if self._secure:
             self.curve.secure(sock)
         if sock.type == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.bind(endpoint) if bind else sock.connect(endpoint)
 
+    def _external(self) -> list[tuple[zmq.Socket, bool]]:
+        """The camera sockets still open, with whether they speak imagezmq."""
+        socks = [(self.frames, False), (self.izmq, True)]
+        return [(s, izmq) for s, izmq in socks if s is not None and not s.closed]
+
     def close(self) -> None:
+        for mon in self.monitors:
+            mon.close()
         for sock in [self.frames, self.izmq, self.ctl, *self.work.values()]:
             if sock is not None:
                 close_socket(sock)
         for sock in (self.records, self.stats):
-            close_socket(sock, linger_ms=2000)
-        if self.curve is not None:
+            if sock is not None:
+                close_socket(sock, linger_ms=2000)
+        if self.curve is not None and self._own_curve:
             self.curve.stop()
 
     # ---- records ----------------------------------------------------------------------------------------
     def _emit(
-        self, kind: str, camera_id: str, frame_id, reason: str, capture_ns=None, receive_ns=None
-    ) -> None:
+        self, kind: str, code: str, camera_id: str, frame_id, reason: str, capture_ns=None, receive_ns=None
+    ):
         record = make_record(
-            kind, camera_id, frame_id, capture_ns=capture_ns, receive_ns=receive_ns, reason=reason
+            kind, camera_id, frame_id, capture_ns=capture_ns, receive_ns=receive_ns, reason=reason, code=code
         )
-        send_msg(self.records, {"t": "rec", "record": record})
+        self.to_publisher({"t": "rec", "record": record})
 
-    def _emit_desc(self, kind: str, desc: dict, reason: str) -> None:
-        self._emit(kind, desc["camera_id"], desc["frame_id"], reason, desc["capture_ns"], desc["receive_ns"])
+    def _emit_desc(self, kind: str, code: str, desc: dict, reason: str) -> None:
+        self._emit(
+            kind, code, desc["camera_id"], desc["frame_id"], reason, desc["capture_ns"], desc["receive_ns"]
+        )
 
     # ---- frames in ----------------------------------------------------------------------------------------
-    def _next_id(self, camera_id: str) -> int:
-        """imagezmq frame ids, counted per camera; bounded: the least recent of too many ids restarts."""
-        fid = self._ids.pop(camera_id, -1) + 1
-        self._ids[camera_id] = fid
-        if len(self._ids) > MAX_IMAGEZMQ_CAMERAS:
-            del self._ids[next(iter(self._ids))]
-        return fid
+    def _receive_time(self) -> int:
+        """Wall clock, strictly increasing: (camera_id, frame_id, receive_ns) names one message."""
+        self._last_receive_ns = max(time.time_ns(), self._last_receive_ns + 1)
+        return self._last_receive_ns
+
+    def _next_izmq_id(self, camera_id: str) -> int:
+        return self._izmq_ids.next(camera_id)[0]
 
     def on_message(self, parts: list, imagezmq: bool) -> None:
-        receive_ns = time.time_ns()
+        receive_ns = self._receive_time()
         self.received += 1
         try:
             frame = (
-                parse_imagezmq(parts, receive_ns, self.max_payload, self._next_id)
+                parse_imagezmq(parts, receive_ns, self.max_payload, self._next_izmq_id)
                 if imagezmq
                 else parse_protocol(parts, receive_ns, self.max_payload)
             )
@@ -348,59 +208,57 @@ class Ingest:
             return
         except Exception as exc:  # a parser bug must cost one error record, never the ingest process
             log(self.logger, "frame.parse_failed", logging.ERROR, exc_info=True)
-            self._reject(
-                ProtocolError(f"internal error while parsing: {type(exc).__name__}: {exc}"), receive_ns
-            )
+            reason = f"internal error while parsing: {type(exc).__name__}: {exc}"[:300]
+            self._reject(ProtocolError(reason, code="internal"), receive_ns)
             return
-        self.metrics.inc("edge_frames_received_total", self.cam(frame.camera_id))
+        self.metrics.inc("edge_frames_received_total", self.labels(frame.camera_id))
         self._admit(frame)
 
-    def _reject(self, exc: ProtocolError, receive_ns: int) -> None:
-        self.metrics.inc("edge_frames_received_total", self.cam(exc.camera_id))
-        self.metrics.inc("edge_protocol_errors_total", self.cam(exc.camera_id))
-        log(self.logger, "frame.rejected", logging.DEBUG, camera=exc.camera_id, reason=exc.reason)
-        self._emit("error", exc.camera_id, exc.frame_id, exc.reason, receive_ns=receive_ns)
+    def _reject(self, exc: ProtocolError, receive_ns: int, capture_ns=None, counted: bool = False) -> None:
+        if not counted:
+            self.metrics.inc("edge_frames_received_total", self.labels(exc.camera_id))
+        self.metrics.inc("edge_protocol_errors_total", {"reason": exc.code})
+        log(
+            self.logger,
+            "frame.rejected",
+            logging.DEBUG,
+            camera=exc.camera_id,
+            code=exc.code,
+            reason=exc.reason,
+        )
+        self._emit("error", exc.code, exc.camera_id, exc.frame_id, exc.reason, capture_ns, receive_ns)
 
-    def _admit(self, frame: FrameIn) -> None:
+    def _make_room(self, frame: FrameIn) -> bool:
+        """Apply the drop policy when the queue is full; False when ``frame`` itself was dropped."""
         if len(self.queue) >= self.cfg.queue.size:
             if self.cfg.queue.drop_policy == "reject-newest":
-                self._emit(
-                    "drop",
-                    frame.camera_id,
-                    frame.frame_id,
-                    "queue full (reject-newest)",
-                    frame.capture_ns,
-                    frame.receive_ns,
-                )
-                return
+                self._drop_new(frame, "queue full (reject-newest)", "queue_full")
+                return False
             old = self.queue.popleft()
-            self.free.release(old["slot"])
-            self._emit_desc("drop", old, "queue full (drop-oldest)")
+            self._release(old["slot"])
+            self._emit_desc("drop", "queue_full", old, "queue full (drop-oldest)")
+        return True
+
+    def _admit(self, frame: FrameIn) -> None:
+        if not self._make_room(frame):
+            return
         slot = self.free.acquire()
         if slot is None:
-            self._emit(
-                "drop",
-                frame.camera_id,
-                frame.frame_id,
-                "no free shared-memory slot",
-                frame.capture_ns,
-                frame.receive_ns,
-            )
+            self._drop_new(frame, "no free shared-memory slot", "no_slot")
             return
         try:
-            shape, dtype = decode_into(
-                frame, self.ring, slot, self.cfg.max_frame.width, self.cfg.max_frame.height
-            )
+            shape, dtype = self._store(frame, slot)
         except Exception as exc:  # ProtocolError; anything else is a decoder bug, still one record
-            self.free.release(slot)
-            self.metrics.inc("edge_protocol_errors_total", self.cam(frame.camera_id))
-            if isinstance(exc, ProtocolError):
-                reason = exc.reason
-            else:
+            self._release(slot)
+            if not isinstance(exc, ProtocolError):
                 log(self.logger, "frame.decode_failed", logging.ERROR, exc_info=True, camera=frame.camera_id)
-                reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
-            self._emit("error", frame.camera_id, frame.frame_id, reason, frame.capture_ns, frame.receive_ns)
+                reason = f"internal error while decoding: {type(exc).__name__}: {exc}"[:300]
+                exc = frame.error(reason, "internal")
+            self._reject(exc, frame.receive_ns, frame.capture_ns, counted=True)
             return
+        self._enqueue(frame, slot, shape, dtype)
+
+    def _enqueue(self, frame: FrameIn, slot: int, shape: tuple[int, ...], dtype: str) -> None:
         self.queue.append(
             {
                 "slot": slot,
@@ -413,6 +271,60 @@ class Ingest:
             }
         )
 
+    # ---- raw frames received straight into their slot -----------------------------------------------------
+    def _receive_direct(self, sock: zmq.Socket, first: zmq.Frame) -> bool:
+        """A protocol message whose header (``first``, already read) names a raw frame that a slot stores
+        as it arrives: its payload part is received into a free slot (``recv_into``: libzmq copies it out
+        of its own buffer once, the copy ``decode_into`` would make). False, with nothing more read, when
+        it does not apply (then the ordinary path takes the message). Errors and checks are those of the
+        ordinary path, in its order: parts, header, payload."""
+        try:
+            header = decode_header(first.buffer)
+        except ProtocolError:
+            return False
+        mf = self.cfg.max_frame
+        layout = direct_layout(header, mf.width, mf.height, min(self.ring.slot_bytes, self.max_payload))
+        if layout is None or self.free.available == 0:
+            return False
+        shape, nbytes = layout
+        receive_ns = self._receive_time()
+        self.received += 1
+        slot = self.free.acquire()
+        frame = FrameIn(header.camera_id, header.frame_id, header.timestamp_ns, receive_ns, header.encoding,
+                        memoryview(b""), shape, header.dtype.name)
+        try:
+            n = sock.recv_into(self.ring.view(slot, (nbytes,), "uint8"), flags=zmq.NOBLOCK)
+            extra = _discard_rest(sock)
+            if extra:
+                raise frame.error(f"expected 2 message parts [header, payload], got {2 + extra}", "parts")
+            check_payload_size(n, self.max_payload, header.camera_id, header.frame_id)
+            check_raw_payload(header, n)
+        except Exception as exc:  # ProtocolError; anything else is a bug, still one record
+            self._release(slot)
+            if not isinstance(exc, ProtocolError):
+                log(self.logger, "frame.receive_failed", logging.ERROR, exc_info=True)
+                _discard_rest(sock)  # the next read must start a new message
+                exc = frame.error(f"internal error while receiving: {type(exc).__name__}: {exc}"[:300],
+                                  "internal")
+            self._reject(exc, receive_ns)
+            return True
+        self.metrics.inc("edge_frames_received_total", self.labels(frame.camera_id))
+        if self._make_room(frame):
+            self._enqueue(frame, slot, shape, header.dtype.name)
+        else:
+            self._release(slot)
+        return True
+
+    def _store(self, frame: FrameIn, slot: int) -> tuple[tuple[int, ...], str]:
+        """Pixels into the slot (decoded or copied once); the slot view's (shape, dtype)."""
+        return decode_into(frame, self.ring, slot, self.cfg.max_frame.width, self.cfg.max_frame.height)
+
+    def _release(self, slot: int) -> None:
+        self.free.release(slot)
+
+    def _drop_new(self, frame: FrameIn, reason: str, code: str) -> None:
+        self._emit("drop", code, frame.camera_id, frame.frame_id, reason, frame.capture_ns, frame.receive_ns)
+
     # ---- workers ----------------------------------------------------------------------------------------
     def dispatch(self) -> None:
         while self.queue:
@@ -424,13 +336,13 @@ class Ingest:
             desc = {**self.queue.popleft(), "gen": state.gen}
             state.credit -= 1
             self.inflight[index][desc["slot"]] = desc
-            send_msg(self.work[index], desc)
+            self.to_worker[index](desc)
 
     def on_control(self, msg: dict) -> None:
         kind = msg.get("t")
         if kind == "hello":
             self._worker_lost(msg["worker"], None, "worker restarted")
-            self.workers[msg["worker"]] = _WorkerState(msg["gen"], msg["credit"], self.work[msg["worker"]])
+            self.workers[msg["worker"]] = _WorkerState(msg["gen"], msg["credit"])
             log(self.logger, "worker.attached", worker=msg["worker"], gen=msg["gen"], credit=msg["credit"])
         elif kind == "done":
             self._done(msg["worker"], msg["gen"], msg["slots"])
@@ -449,18 +361,18 @@ class Ingest:
             if desc is None or desc["gen"] != gen:
                 continue  # already accounted as lost
             del self.inflight[index][slot]
-            self.free.release(slot)
+            self._release(slot)
             if state is not None and state.gen == gen:
                 state.credit += 1
 
-    def _worker_lost(self, index: int, gen: int | None, reason: str) -> None:
+    def _worker_lost(self, index: int, gen: int | None, reason: str, code: str = "worker_lost") -> None:
         """Frames held by ``index`` (of generation ``gen``, or any older one) get an error record."""
         state = self.workers.get(index)
         lost = [d for d in self.inflight[index].values() if gen is None or d["gen"] == gen]
         for desc in lost:
             del self.inflight[index][desc["slot"]]
-            self.free.release(desc["slot"])
-            self._emit_desc("error", desc, reason)
+            self._release(desc["slot"])
+            self._emit_desc("error", code, desc, reason)
         if state is not None and (gen is None or state.gen == gen):
             self.workers[index] = None
         if lost:
@@ -478,10 +390,13 @@ class Ingest:
         """Stop taking frames. Messages already inside our sockets' buffers are taken first (each gets its
         record); what a camera still holds in its own queue stays there for the next daemon."""
         taken = 0
-        for sock, imagezmq in ((self.frames, False), (self.izmq, True)):
-            if sock is not None and not sock.closed:
-                taken += self._receive(sock, imagezmq, STOP_DRAIN_LIMIT)
-                close_socket(sock)
+        for sock, imagezmq in self._external():
+            taken += self._receive(sock, imagezmq, STOP_DRAIN_LIMIT)
+        self._count_transport()
+        for mon in self.monitors:
+            mon.close()
+        for sock, _ in self._external():
+            close_socket(sock)
         log(self.logger, "ingest.stopping", queued=len(self.queue), inflight=self.n_inflight, taken=taken)
 
     @property
@@ -496,10 +411,10 @@ class Ingest:
         """Give every frame still queued or in flight its error record (shutdown timeout)."""
         while self.queue:
             desc = self.queue.popleft()
-            self.free.release(desc["slot"])
-            self._emit_desc("error", desc, reason)
+            self._release(desc["slot"])
+            self._emit_desc("error", "shutdown", desc, reason)
         for index in list(self.inflight):
-            self._worker_lost(index, None, reason)
+            self._worker_lost(index, None, reason, "shutdown")
 
     def snapshot(self) -> dict:
         self.metrics.set("edge_queue_depth", len(self.queue))
@@ -514,39 +429,62 @@ class Ingest:
             pass
 
     # ---- loop -------------------------------------------------------------------------------------------
-    def _poll_sockets(self, poller: zmq.Poller, timeout_ms: int) -> None:
-        events = dict(poller.poll(timeout_ms))
-        if self.ctl in events:
-            for _ in range(1000):
-                try:
-                    self.on_control(recv_msg(self.ctl, zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-        for sock, imagezmq in ((self.frames, False), (self.izmq, True)):
-            if sock is not None and not sock.closed and sock in events:
-                self._receive(sock, imagezmq, 64)
-
     def _receive(self, sock: zmq.Socket, imagezmq: bool, limit: int) -> int:
-        """Take up to ``limit`` waiting messages from an external socket; returns how many."""
+        """Take up to ``limit`` waiting messages from a camera socket, each handed to a worker (when one has
+        credit) before the next is read; returns how many."""
+        direct = self.direct and not imagezmq
         for n in range(limit):
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                first = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return n
-            if sock.type == zmq.REP:
-                sock.send(b"OK")
-            self.on_message(parts, imagezmq)
+            if not (direct and first.more and self._receive_direct(sock, first)):
+                parts = [first]
+                while parts[-1].more:  # the rest of a multipart message is there (atomic delivery)
+                    parts.append(sock.recv(zmq.NOBLOCK, copy=False))
+                if sock.type == zmq.REP:
+                    sock.send(b"OK")
+                self.on_message(parts, imagezmq)
+            self.dispatch()
         return limit
+
+    def _count_transport(self) -> None:
+        for mon in self.monitors:
+            for event in mon.drain():
+                self.metrics.inc("edge_transport_events_total", {"socket": mon.name, "event": event})
+                log(self.logger, f"transport.{event}", logging.DEBUG, socket=mon.name)
+
+    def _control(self) -> None:
+        for _ in range(1000):
+            try:
+                self.on_control(recv_msg(self.ctl, zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def step(self, timeout_ms: int) -> None:
+        """One loop iteration: wait up to ``timeout_ms`` for any socket, handle what is there, dispatch."""
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        external = self._external()
+        for sock, _ in external:
+            poller.register(sock, zmq.POLLIN)
+        monitors = [m.socket for m in self.monitors if not m.socket.closed]
+        for sock in monitors:
+            poller.register(sock, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        if self.ctl in events:
+            self._control()
+        if any(sock in events for sock in monitors):
+            self._count_transport()
+        for sock, imagezmq in external:
+            if sock in events and not sock.closed:
+                self._receive(sock, imagezmq, RECEIVE_BATCH)
+        self.dispatch()
 
     def run(self, should_exit) -> None:
         last_stats = 0.0
         while True:
-            poller = zmq.Poller()
-            for sock in (self.ctl, self.frames, self.izmq):
-                if sock is not None and not sock.closed:
-                    poller.register(sock, zmq.POLLIN)
-            self._poll_sockets(poller, 50)
-            self.dispatch()
+            self.step(50)
             now = time.monotonic()
             if now - last_stats >= 0.5:
                 self._send_stats()
@@ -560,6 +498,15 @@ class Ingest:
                 send_msg(self.stats, {"t": "drained", "received": self.received})
                 log(self.logger, "ingest.drained", received=self.received)
                 return
+
+
+def _discard_rest(sock: zmq.Socket) -> int:
+    """Read and drop the remaining parts of the message being received; how many there were."""
+    extra = 0
+    while sock.get(zmq.RCVMORE):
+        sock.recv(zmq.NOBLOCK, copy=False)
+        extra += 1
+    return extra
 
 
 def run_ingest(cfg: DaemonConfig, ring_name: str, slot_bytes: int, should_exit) -> int:

@@ -4,20 +4,23 @@ the Prometheus text format over HTTP (``/metrics``; ``/healthz`` answers 200 or 
 Children keep a ``Metrics`` registry and send ``snapshot()`` (cumulative, msgpack-safe) every half second
 on the supervisor's stats socket; the ``Aggregator`` keeps the latest snapshot per child generation and
 sums them, so counters of a restarted child are not lost. Gauges count only from live children.
+
+Labels: ``camera`` follows the one policy of cameras.py (configured ids, ``_other``, ``unknown``: decided
+from the config, the same in every process, so received = answered + failed + dropped holds per label);
+every counter is declared at 0 for each label value it can take (``Metrics.declare``), so a series exists
+before its first event.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __all__ = [
     "Metrics",
     "Aggregator",
-    "CameraLabels",
-    "OTHER_CAMERAS",
-    "MAX_CAMERA_LABELS",
     "MetricsServer",
     "render",
     "HELP",
@@ -31,18 +34,23 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 HELP = {
     "edge_frames_received_total": (
         "counter",
-        "Frame messages that reached ingest (good or bad), per camera.",
+        "Frame messages that reached ingest (good or bad), per camera label.",
     ),
-    "edge_frames_answered_total": ("counter", "Verdict records published, per camera."),
+    "edge_frames_answered_total": ("counter", "Verdict records published, per camera label."),
     "edge_frames_failed_total": (
         "counter",
-        "Error records published (protocol, decode, inference, worker lost).",
+        "Error records published (protocol, decode, inference, worker lost), per camera label.",
     ),
-    "edge_frames_dropped_total": ("counter", "Drop records published (backpressure), per camera."),
-    "edge_protocol_errors_total": ("counter", "Messages rejected by ingest, per reason class."),
+    "edge_frames_dropped_total": ("counter", "Drop records published (backpressure), per camera label."),
+    "edge_protocol_errors_total": ("counter", "Messages refused by ingest, per reason class."),
+    "edge_transport_events_total": (
+        "counter",
+        "Connection events of ingest's camera sockets (a message part over the hard size limit costs the "
+        "connection: one disconnect).",
+    ),
     "edge_records_deduplicated_total": (
         "counter",
-        "Second records for one frame (worker lost after publishing).",
+        "Second records for one frame (worker lost after publishing), per camera label.",
     ),
     "edge_worker_restarts_total": ("counter", "Inference workers restarted by the supervisor."),
     "edge_queue_depth": ("gauge", "Frames waiting for a worker."),
@@ -56,29 +64,6 @@ HELP = {
 }
 
 
-MAX_CAMERA_LABELS = 64  # distinct camera label values per process; the rest count as OTHER_CAMERAS
-OTHER_CAMERAS = "_other"
-
-
-class CameraLabels:
-    """Bounded label values for the ``camera`` label: configured cameras always keep their own, the first
-    ``limit`` others too, and any further camera id (a script sending random ids) counts as ``_other``,
-    so that neither memory nor /metrics grows with what a peer sends."""
-
-    def __init__(self, known=(), limit: int = MAX_CAMERA_LABELS):
-        self._known = set(known)
-        self._seen: set[str] = set()
-        self.limit = limit
-
-    def __call__(self, camera_id: str) -> dict:
-        if camera_id in self._known or camera_id in self._seen:
-            return {"camera": camera_id}
-        if len(self._seen) < self.limit:
-            self._seen.add(camera_id)
-            return {"camera": camera_id}
-        return {"camera": OTHER_CAMERAS}
-
-
 def _key(name: str, labels: dict | None) -> tuple:
     return (name, tuple(sorted((labels or {}).items())))
 
@@ -90,6 +75,11 @@ class Metrics:
         self.counters: dict[tuple, float] = {}
         self.gauges: dict[tuple, float] = {}
         self.hists: dict[tuple, list] = {}  # key -> [bounds, counts (len bounds + 1), sum, count]
+
+    def declare(self, name: str, label_sets: Iterable[dict | None] = (None,)) -> None:
+        """Counters at 0 for each label set (present in /metrics before their first event)."""
+        for labels in label_sets:
+            self.counters.setdefault(_key(name, labels), 0)
 
     def inc(self, name: str, labels: dict | None = None, value: float = 1) -> None:
         key = _key(name, labels)
@@ -130,6 +120,11 @@ class Aggregator:
         with self._lock:
             self._snapshots[source] = snapshot
             self._live.add(source)
+
+    def reported(self, source: str) -> bool:
+        """Whether ``source`` has sent at least one snapshot (its counters are on the page)."""
+        with self._lock:
+            return source in self._snapshots
 
     def mark_dead(self, source: str) -> None:
         with self._lock:

@@ -3,8 +3,13 @@
 Sockets
   in     PULL bind ipc ``publisher.ipc``: ``{"t": "rec", "record", "map"?}``; ``{"t": "stop", "expect"}``
   out    PUB bind ``endpoints.output`` (CURVE optional): ``[camera_id, msgpack record]`` and, when maps are
-         on, ``[camera_id + "/map", msgpack {frame_id, shape, dtype, data}]``
-  stats  PUSH connect ipc ``stats.ipc``: counters by kind and camera (the accounting's ground truth)
+         on, ``[camera_id + "/map", msgpack {v, camera_id, frame_id, seq, shape, dtype, data}]``
+  stats  PUSH connect ipc ``stats.ipc``: counters by kind and camera label (the accounting's ground truth)
+
+Topics are only ever a valid camera id (cameras.py), ``<id>/map`` or ``unknown``. Every record carries
+``seq`` (per topic, +1 per record) and ``seq_epoch`` (which numbering it belongs to): configured cameras and
+``unknown`` keep their numbering for the publisher's life; other ids share a bounded table, and an id that
+was forgotten restarts at 0 under a new epoch, so a subscriber can always tell a gap.
 
 On ``stop`` it keeps publishing until it has sent ``expect`` records (the number of messages ingest
 received: one record each) or the deadline passes, then exits.
@@ -13,21 +18,24 @@ received: one record each) or the deadline passes, then exits.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 
+import numpy as np
 import zmq
 
+from .cameras import UNKNOWN_CAMERA, CameraCounters, CameraLabels, camera_or_unknown
 from .config import DaemonConfig
 from .logs import get_logger, log
-from .metrics import CameraLabels, Metrics
-from .protocol import pack
+from .metrics import Metrics
+from .protocol import PROTOCOL_VERSION, pack
 from .transport import CurveServer, close_socket, ipc_endpoint, make_socket, recv_msg, send_msg
 
 __all__ = ["Publisher", "run_publisher", "KIND_COUNTERS"]
 
 DEDUP_WINDOW = 8192  # records remembered for de-duplication (a worker-lost duplicate follows within ~1 s)
-MAX_SEQ_CAMERAS = 1024  # camera ids with a sequence counter (a forgotten one restarts at 0)
+MAX_SEQ_CAMERAS = 1024  # unconfigured camera ids with a sequence counter (a forgotten one: new seq_epoch)
 
 KIND_COUNTERS = {
     "verdict": "edge_frames_answered_total",
@@ -37,34 +45,49 @@ KIND_COUNTERS = {
 
 
 class Publisher:
-    def __init__(self, cfg: DaemonConfig, ctx: zmq.Context):
+    """``local=True`` (single-process mode, single.py): no ``in`` and no ``stats`` socket; the caller hands
+    records to ``on_message`` and reports the metrics. ``curve``: a CurveServer to share (one authenticator
+    per process); by default the publisher makes its own when the config asks for CURVE."""
+
+    def __init__(self, cfg: DaemonConfig, ctx: zmq.Context, local: bool = False, curve=None):
         self.cfg = cfg
+        configured = [c.id for c in cfg.cameras]
+        self.labels = CameraLabels(configured)
         self.metrics = Metrics()
-        self.cam = CameraLabels(c.id for c in cfg.cameras)
+        for name in (*KIND_COUNTERS.values(), "edge_records_deduplicated_total"):
+            self.metrics.declare(name, [{"camera": v} for v in self.labels.values()])
+        self._seq = CameraCounters([*configured, UNKNOWN_CAMERA], MAX_SEQ_CAMERAS)
         self.logger = get_logger()
         self.published = 0
-        self.curve = None
-        if cfg.curve is not None and cfg.curve.on_output:
+        secure = cfg.curve is not None and cfg.curve.on_output
+        self._own_curve = curve is None
+        self.curve = curve
+        if secure and curve is None:
             self.curve = CurveServer(ctx, cfg.curve.server_secret, cfg.curve.clients_dir)
-        self.inp = make_socket(ctx, zmq.PULL)
-        self.inp.bind(ipc_endpoint(cfg.runtime_path, "publisher.ipc"))
+        self.inp = None
+        if not local:
+            self.inp = make_socket(ctx, zmq.PULL)
+            self.inp.bind(ipc_endpoint(cfg.runtime_path, "publisher.ipc"))
         self.out = make_socket(ctx, zmq.PUB, sndhwm=cfg.endpoints.output_hwm)
-        if self.curve is not None:
+        if secure:
             self.curve.secure(self.out)
         self.out.bind(cfg.endpoints.output)
-        self.stats = make_socket(ctx, zmq.PUSH, sndhwm=100)
-        self.stats.connect(ipc_endpoint(cfg.runtime_path, "stats.ipc"))
+        self.stats = None
+        if not local:
+            self.stats = make_socket(ctx, zmq.PUSH, sndhwm=100)
+            self.stats.connect(ipc_endpoint(cfg.runtime_path, "stats.ipc"))
         self.expect: int | None = None
-        self._seq: dict[str, int] = {}
         self._recent: set[tuple] = set()
         self._order: deque[tuple] = deque()
         self.deadline = float("inf")
 
     def close(self) -> None:
-        close_socket(self.inp)
+        if self.inp is not None:
+            close_socket(self.inp)
         close_socket(self.out, linger_ms=1000)
-        close_socket(self.stats, linger_ms=2000)
-        if self.curve is not None:
+        if self.stats is not None:
+            close_socket(self.stats, linger_ms=2000)
+        if self.curve is not None and self._own_curve:
             self.curve.stop()
 
     def on_message(self, msg: dict) -> None:
@@ -78,21 +101,17 @@ class Publisher:
             log(self.logger, "publisher.unknown_message", logging.WARNING, kind=str(kind))
             return
         record = msg["record"]
+        record["camera_id"] = camera = camera_or_unknown(record.get("camera_id"))  # ingest validated it
         if self._seen_before(record):
-            self.metrics.inc("edge_records_deduplicated_total", self.cam(record["camera_id"]))
+            self.metrics.inc("edge_records_deduplicated_total", self.labels(camera))
             return
-        topic = record["camera_id"].encode()
-        # per-camera sequence number: a subscriber that finds a gap knows it missed records (slow reader
-        # past its high-water mark, reconnect); it restarts at 0 with the publisher process
-        seq = self._seq.pop(record["camera_id"], 0)
-        self._seq[record["camera_id"]] = seq + 1  # most recent last: the oldest camera is forgotten first
-        if len(self._seq) > MAX_SEQ_CAMERAS:
-            del self._seq[next(iter(self._seq))]
-        self.out.send_multipart([topic, pack({**record, "seq": seq})])
+        seq, epoch = self._seq.next(camera)
+        topic = camera.encode()
+        self.out.send_multipart([topic, pack({**record, "seq": seq, "seq_epoch": epoch})])
         if "map" in msg:
-            self.out.send_multipart([topic + b"/map", pack({"frame_id": record["frame_id"], **msg["map"]})])
+            self.out.send_multipart([topic + b"/map", pack(_map_message(record, seq, msg["map"]))])
         self.published += 1
-        self.metrics.inc(KIND_COUNTERS[record["kind"]], self.cam(record["camera_id"]))
+        self.metrics.inc(KIND_COUNTERS[record["kind"]], self.labels(camera))
 
     def _seen_before(self, record: dict) -> bool:
         """One record per frame: a worker killed after publishing but before returning the slot makes
@@ -119,15 +138,19 @@ class Publisher:
     def done(self) -> bool:
         return self.expect is not None and (self.published >= self.expect or time.monotonic() > self.deadline)
 
+    def step(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for records and publish what is there."""
+        if self.inp.poll(timeout_ms, zmq.POLLIN):
+            for _ in range(1000):
+                try:
+                    self.on_message(recv_msg(self.inp, zmq.NOBLOCK))
+                except zmq.Again:
+                    return
+
     def run(self, should_exit) -> None:
         last_stats = 0.0
         while not self.done() and not should_exit():
-            if self.inp.poll(50, zmq.POLLIN):
-                for _ in range(1000):
-                    try:
-                        self.on_message(recv_msg(self.inp, zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+            self.step(50)
             if time.monotonic() - last_stats >= 0.5:
                 self._send_stats()
                 last_stats = time.monotonic()
@@ -142,6 +165,23 @@ class Publisher:
         self._send_stats(block=True)
         send_msg(self.stats, {"t": "published", "count": self.published})
         log(self.logger, "publisher.stopped", published=self.published)
+
+
+def _map_message(record: dict, seq: int, anomaly_map: dict) -> dict:
+    """The map that follows a verdict: float32 little-endian, row-major, ``shape`` [rows, cols]; ``seq`` is
+    the verdict's (maps have no numbering of their own)."""
+    data = anomaly_map["data"]
+    if sys.byteorder != "little":
+        data = np.frombuffer(data, "=f4").astype("<f4").tobytes()
+    return {
+        "v": PROTOCOL_VERSION,
+        "camera_id": record["camera_id"],
+        "frame_id": record["frame_id"],
+        "seq": seq,
+        "shape": list(anomaly_map["shape"]),
+        "dtype": "float32",
+        "data": data,
+    }
 
 
 def run_publisher(cfg: DaemonConfig, should_exit) -> int:

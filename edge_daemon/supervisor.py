@@ -6,6 +6,8 @@ Children: ``python -m edge_daemon child <role> --runtime-dir D --index I --gen G
 the resolved config from ``D/state.json``, set PR_SET_PDEATHSIG and check their parent pid, so they die
 with the supervisor. A dead worker is restarted (next generation) and ingest gives its in-flight frames
 "worker lost" error records; a dead ingest or publisher is fatal (exit 1, systemd restarts the unit).
+``process_mode: single``: one child (role ``single``: ingest, worker and publisher in one loop, no shared
+memory), whose death is fatal like ingest's.
 
 Shutdown (SIGTERM, SIGINT: both become the ``quit`` command): STOPPING=1; ingest stops receiving, drains
 its queue through the workers and reports how many messages it received; workers exit; the publisher
@@ -71,11 +73,15 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: DaemonConfig):
+    def __init__(self, cfg: DaemonConfig, stop_after_s: float | None = None):
         self.cfg = cfg
+        self.stop_after_s = stop_after_s  # stop this long after ready (smoke tests); None: run until stopped
+        self.ready_at: float | None = None
+        self._made_runtime = False
         self.logger = get_logger()
         self.notifier = Notifier()
         self.agg = Aggregator()
+        self.agg.local.declare("edge_worker_restarts_total", [{"worker": str(i)} for i in range(cfg.workers)])
         self.children: dict[tuple[str, int], Child] = {}
         self.quit_reason: str | None = None
         self.fatal: str | None = None
@@ -89,11 +95,14 @@ class Supervisor:
 
     # ---- start ------------------------------------------------------------------------------------------
     def _prepare_runtime(self) -> None:
+        self._made_runtime = not self.runtime.exists()
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fh = open(self.runtime / "lock", "w")  # noqa: SIM115 - held for the daemon's life
+        lock_fh = open(self.runtime / "lock", "w")  # noqa: SIM115 - held for the daemon's life
         try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fh = lock_fh  # from here on the runtime directory is ours (removed by close)
         except BlockingIOError as exc:
+            lock_fh.close()
             raise ConfigError(
                 f"instance: another daemon of instance {self.cfg.instance!r} runs "
                 f"(lock {self.runtime / 'lock'} is held)"
@@ -112,11 +121,14 @@ class Supervisor:
         self._prepare_runtime()
         try:  # a missing or tampered bundle (sha256 mismatch) or an impossible tiling: exit 2, no children
             meta = read_bundle(self.cfg.engine.bundle)
-            check_tiling(inspect_configs(self.cfg), meta)
+            check_tiling(inspect_configs(self.cfg, meta), meta)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        self.ring = SlotRing.create(self.cfg.instance, self.cfg.queue.slots, self.cfg.max_frame.nbytes)
-        state = {"config": self.cfg.to_mapping(), "ring": self.ring.name, "slot_bytes": self.ring.slot_bytes}
+        single = self.cfg.process_mode == "single"
+        state = {"config": self.cfg.to_mapping(), "ring": None, "slot_bytes": self.cfg.max_frame.nbytes}
+        if not single:  # the single-process mode keeps frames in its own memory
+            self.ring = SlotRing.create(self.cfg.instance, self.cfg.queue.slots, self.cfg.max_frame.nbytes)
+            state.update(ring=self.ring.name, slot_bytes=self.ring.slot_bytes)
         (self.runtime / STATE_FILE).write_text(json.dumps(state))
         self.ctx = zmq.Context()
         self.stats = make_socket(self.ctx, zmq.PULL)
@@ -125,20 +137,29 @@ class Supervisor:
         self.to_ingest.connect(ipc_endpoint(self.runtime, "ingest.ipc"))
         self.to_publisher = make_socket(self.ctx, zmq.PUSH)
         self.to_publisher.connect(ipc_endpoint(self.runtime, "publisher.ipc"))
-        self._spawn("publisher", 0, 1)
-        for i in range(self.cfg.workers):
-            self._spawn("worker", i, 1)
-        self._spawn("ingest", 0, 1)
+        if single:
+            self._spawn("single", 0, 1)
+        else:
+            self._spawn("publisher", 0, 1)
+            for i in range(self.cfg.workers):
+                self._spawn("worker", i, 1)
+            self._spawn("ingest", 0, 1)
         if self.cfg.endpoints.metrics_port is not None:
-            self.metrics_server = MetricsServer(
-                self.agg, self.cfg.endpoints.metrics_host, self.cfg.endpoints.metrics_port, self.healthy
-            ).start()
+            try:
+                self.metrics_server = MetricsServer(
+                    self.agg, self.cfg.endpoints.metrics_host, self.cfg.endpoints.metrics_port, self.healthy
+                ).start()
+            except OSError as exc:  # taken since the bind test of edge_daemon.ports
+                raise ConfigError(f"endpoints.metrics_port: cannot serve metrics on "
+                                  f"{self.cfg.endpoints.metrics_host}:{self.cfg.endpoints.metrics_port}: "
+                                  f"{exc}") from exc
         log(
             self.logger,
             "daemon.starting",
             instance=self.cfg.instance,
             model=meta.model_id,
             workers=self.cfg.workers,
+            process_mode=self.cfg.process_mode,
             ingest=self.cfg.endpoints.ingest,
             output=self.cfg.endpoints.output,
             metrics_port=self.metrics_server.port if self.metrics_server else "-",
@@ -199,10 +220,17 @@ class Supervisor:
     def workers(self) -> list[Child]:
         return [c for c in self.children.values() if c.role == "worker"]
 
+    def inspecting(self) -> list[Child]:
+        """The children that run an engine: the workers, or the one process of the single-process mode."""
+        return [c for c in self.children.values() if c.role in ("worker", "single")]
+
     def healthy(self) -> bool:
         now = time.monotonic()
-        workers_ok = all(c.alive() and c.ready and now - c.last_seen < HEARTBEAT_S for c in self.workers())
-        return workers_ok and all(c.alive() for c in self.children.values())
+        inspecting = self.inspecting()
+        workers_ok = all(c.alive() and c.ready and now - c.last_seen < HEARTBEAT_S for c in inspecting)
+        # healthy also means the metrics page is whole: every child's counters (zeros included) are on it
+        children_ok = all(c.alive() and self.agg.reported(c.source) for c in self.children.values())
+        return bool(inspecting) and workers_ok and children_ok
 
     def _check_children(self) -> None:
         for child in list(self.children.values()):
@@ -249,12 +277,16 @@ class Supervisor:
             self._pump(100)
             self._check_children()
             healthy = self.healthy()
-            self.agg.local.set("edge_workers_healthy", sum(c.alive() and c.ready for c in self.workers()))
+            self.agg.local.set("edge_workers_healthy", sum(c.alive() and c.ready for c in self.inspecting()))
             if not self.notified_ready and healthy:
                 self.notified_ready = True
                 self.notifier.ready(f"serving: {self.cfg.workers} worker(s) warm")
                 log(self.logger, "daemon.ready", workers=self.cfg.workers)
+                self.ready_at = time.monotonic()
             now = time.monotonic()
+            if self.stop_after_s is not None and self.ready_at is not None \
+                    and now - self.ready_at >= self.stop_after_s:
+                self.request_quit(f"stop-after {self.stop_after_s:g} s")
             if interval and healthy and now - last_ping >= interval:
                 self.notifier.watchdog()
                 last_ping = now
@@ -265,7 +297,7 @@ class Supervisor:
         self.notifier.stopping(f"stopping: {reason}")
         log(self.logger, "daemon.stopping", reason=reason)
         deadline = time.monotonic() + self.cfg.shutdown_timeout_s
-        ingest = self.children.get(("ingest", 0))
+        ingest = self.children.get(("ingest", 0)) or self.children.get(("single", 0))
         if ingest is not None and ingest.alive():
             send_msg(self.to_ingest, {"t": "stop", "timeout_s": 0.6 * self.cfg.shutdown_timeout_s})
             while self.received is None and ingest.alive() and time.monotonic() < deadline:
@@ -280,6 +312,7 @@ class Supervisor:
             while publisher.alive() and time.monotonic() < deadline:
                 self._pump(50)
         killed = self._stop_role("publisher", deadline)
+        killed |= self._stop_single(deadline)
         self._pump(0)
         clean = (
             self.fatal is None
@@ -290,6 +323,19 @@ class Supervisor:
         )
         log(self.logger, "daemon.stopped", clean=clean, received=self.received, published=self.published)
         return clean
+
+    def _stop_single(self, deadline: float) -> bool:
+        """The single process exits by itself once drained; its last message (``published``) may still
+        be on its way when it has exited. True if it had to be killed."""
+        single = self.children.get(("single", 0))
+        if single is None:
+            return False
+        while single.alive() and self.received is not None and time.monotonic() < deadline:
+            self._pump(50)
+        killed = self._stop_role("single", deadline)
+        while self.published is None and self.received is not None and time.monotonic() < deadline:
+            self._pump(50)
+        return killed
 
     def _lost_while_draining(self) -> None:
         """A worker that dies during the drain is not restarted; its frames get "worker lost" records."""
@@ -331,13 +377,27 @@ class Supervisor:
         if hasattr(self, "ring"):
             self.ring.close()
         self.notifier.close()
+        self._remove_runtime()  # while the lock is still held
         if self._lock_fh is not None:
             self._lock_fh.close()
 
+    def _remove_runtime(self) -> None:
+        """Remove what the daemon put in its runtime directory, and the directory when it made it."""
+        if self._lock_fh is None:
+            return  # never prepared (or another instance holds it): nothing of ours is there
+        for pattern in ("*.ipc", STATE_FILE, "lock"):
+            for path in self.runtime.glob(pattern):
+                path.unlink(missing_ok=True)
+        if self._made_runtime:
+            try:
+                self.runtime.rmdir()
+            except OSError:
+                pass  # something else was put there: leave it
 
-def run_daemon(cfg: DaemonConfig) -> int:
+
+def run_daemon(cfg: DaemonConfig, stop_after_s: float | None = None) -> int:
     setup_logging("supervisor", cfg.log_format, cfg.log_level)
-    sup = Supervisor(cfg)
+    sup = Supervisor(cfg, stop_after_s)
     signal.signal(signal.SIGTERM, lambda *_: sup.request_quit("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: sup.request_quit("SIGINT"))
     try:
@@ -382,4 +442,8 @@ def child_main(role: str, runtime_dir: str, index: int, gen: int, parent: int) -
         from .publisher import run_publisher
 
         return run_publisher(cfg, should_exit)
+    if role == "single":
+        from .single import run_single
+
+        return run_single(cfg, should_exit)
     raise ValueError(f"unknown child role {role!r}")

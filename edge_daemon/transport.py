@@ -1,5 +1,6 @@
 """ZeroMQ plumbing shared by every process: sockets with linger and timeouts set, internal endpoint
-names, msgpack messages on internal sockets, and optional CURVE with a ZAP allow-list."""
+names, msgpack messages on internal sockets, connection events from libzmq's socket monitor, and optional
+CURVE with a ZAP allow-list."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket as _socket
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import pack, unpack_limited
 
@@ -18,6 +20,8 @@ __all__ = [
     "free_tcp_port",
     "CurveServer",
     "close_socket",
+    "SocketMonitor",
+    "TRANSPORT_EVENTS",
     "INTERNAL_MAX_BYTES",
 ]
 
@@ -51,6 +55,49 @@ def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
     if not sock.closed:
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.close()
+
+
+# libzmq monitor events -> the names counted in edge_transport_events_total
+_EVENTS = {
+    zmq.EVENT_ACCEPTED: "connected",
+    zmq.EVENT_CONNECTED: "connected",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
+}
+TRANSPORT_EVENTS = ("connected", "disconnected", "handshake_failed")
+
+
+class SocketMonitor:
+    """Connection events of one socket, from libzmq's monitor (an inproc PAIR the I/O thread writes to).
+
+    What the transport drops never reaches the application: a message part over ZMQ_MAXMSGSIZE makes
+    libzmq close that connection (one ``disconnected``, no other trace), a CURVE peer the ZAP handler
+    refuses fails its handshake. Counting these events is how such losses become visible."""
+
+    def __init__(self, sock: zmq.Socket, name: str):
+        self.name, self._sock = name, sock
+        mask = 0
+        for event in _EVENTS:
+            mask |= event
+        self.socket = sock.get_monitor_socket(mask)
+
+    def drain(self) -> list[str]:
+        """Names of the events that arrived since the last call."""
+        out = []
+        while True:
+            try:
+                event = recv_monitor_message(self.socket, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return out
+            if event in _EVENTS:
+                out.append(_EVENTS[event])
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.disable_monitor()
+        close_socket(self.socket)
 
 
 def ipc_endpoint(runtime_dir: Path, name: str) -> str:

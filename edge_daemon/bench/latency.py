@@ -4,10 +4,12 @@
         --encoding raw --duration 10 [--json out.json] [--png out.png]
     edge-bench latency --config C --sweep --budget-ms 500 ...     # raise the rate until p99 > budget
     edge-bench latency --config C --attach ...                    # a daemon already running with config C
+    edge-bench latency --config C --transport ipc --mode single ...   # unix sockets, one daemon process
 
-Without ``--attach`` the daemon is started from a copy of the config (loopback endpoints on free ports, a
-unique instance, max_frame at least the frame, the benchmark's cameras; engine, workers, queue and
-inspection unchanged) and stopped at the end (SIGTERM, wait, SIGKILL). Each camera is its own process
+Without ``--attach`` the daemon is started from a copy of the config (local endpoints: loopback tcp on free
+ports, or ipc unix sockets with ``--transport ipc``; ``process_mode`` from ``--mode`` when given; a unique
+instance, max_frame at least the frame, the benchmark's cameras; engine, workers, queue and inspection
+unchanged) and stopped at the end (SIGTERM, wait, SIGKILL). Each camera is its own process
 (spawn) sending synthetic mono8 frames at ``--fps`` on an absolute schedule (loadgen.py); one subscriber
 in this process timestamps every record on receipt.
 
@@ -23,13 +25,19 @@ streams and max_batch through the worker's own ``TileBatcher`` on frames of the 
 ``queue.worker_credit`` frames in flight (the ceiling, frames/s), and one frame at a time (the engine's own
 time per frame, the reference for what the daemon adds). The ratio is daemon throughput / (ceiling x
 workers); it means "efficiency" only when the daemon is saturated (offered rate above what it answers).
+
+Added latency (the daemon's own overhead, per step): end-to-end p50 / p99 minus the engine's own
+one-frame-at-a-time p50 / p99 of the same run (the lower of the measurements before and after the load).
+It counts only below saturation (no drops, throughput equal to the offered rate): above it, queueing
+dominates. Every run prints the CPU model, its ISA features and the load average before and after: a
+figure taken with a load average near or above the number of cores measures the other jobs, not the
+daemon.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -38,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .loadgen import (
+    TRANSPORTS,
     CameraPlan,
     CameraReport,
     DaemonProcess,
@@ -50,9 +59,10 @@ from .loadgen import (
     run_cameras,
     synthetic_frames,
 )
+from .machine import machine_info, machine_line
 
 __all__ = ["add_parser", "run", "run_benchmark", "step_stats", "stage_stats", "find_knee", "sweep_rates",
-           "measure_ceiling", "parse_resolution", "wait_quiet", "STEP_ID_STRIDE"]
+           "measure_ceiling", "own_time", "parse_resolution", "wait_quiet", "STEP_ID_STRIDE"]
 
 STEP_ID_STRIDE = 10_000_000  # frame ids of sweep step k start at k * STEP_ID_STRIDE
 STAGES = ("queue", "tile", "infer", "fuse", "verdict", "total")
@@ -171,16 +181,17 @@ def measure_ceiling(cfg, frame: np.ndarray, seconds: float = 5.0, min_frames: in
       verdict) with ``queue.worker_credit`` frames in flight, as a worker runs them;
     - own time: one frame at a time through the same batcher (no queueing): per-frame ms p50/p99, the
       reference for what the daemon adds."""
-    from edge_daemon.batcher import TileBatcher
     from edge_daemon.worker import inspect_configs
     from engines.registry import open_engine
+    from inspection.batcher import TileBatcher
 
     e = cfg.engine
     engine = open_engine(e.bundle, backend=e.backend, device=e.device, precision=e.precision,
-                         streams=e.streams, max_batch=e.max_batch, threads=e.threads, cache_dir=e.cache_dir)
+                         streams=e.streams, max_batch=e.max_batch, threads=e.threads, cache_dir=e.cache_dir,
+                         **e.backend_options())
     try:
         engine.warmup()
-        config = inspect_configs(cfg)[None]
+        config = inspect_configs(cfg, engine.meta)[None]
         batcher = TileBatcher(engine, e.max_batch, e.max_delay_us)
         own = _one_at_a_time(batcher, frame, config, seconds / 2, min_frames)
         fps, frames = _saturated(batcher, frame, config, seconds / 2, min_frames, cfg.queue.worker_credit)
@@ -208,7 +219,7 @@ def _one_at_a_time(batcher, frame, config, seconds: float, min_frames: int) -> d
             out["infer"].append(outcome.timings_ms["infer"])
         if len(out["ms"]) >= min_frames and time.perf_counter() - start >= seconds:
             break
-    from edge_daemon.pipeline import model_geometry, prepare_frame
+    from inspection.pipeline import model_geometry, prepare_frame
 
     out["tiles"] = len(prepare_frame(frame, model_geometry(batcher._engine), config).tiles)
     return out
@@ -237,13 +248,16 @@ def _load_target(args, workdir: Path):
     from edge_daemon.config import config_from_mapping, load_config
 
     if args.attach:
+        if args.mode or args.transport:
+            raise ValueError("--mode and --transport set up the daemon the benchmark starts; with --attach "
+                             "the running daemon's config decides")
         return load_config(args.config, bundle=args.bundle), None, None
     base = yaml.safe_load(Path(args.config).read_text())
     if not isinstance(base, dict):
         raise ValueError(f"{args.config}: not a YAML mapping")
     cams = [f"cam{i}" for i in range(args.cameras)]
     path, data = bench_config(base, workdir, cams, args.resolution, 1, bundle=args.bundle,
-                              base_dir=Path(args.config).resolve().parent)
+                              transport=args.transport or "tcp", process_mode=args.mode)
     return config_from_mapping(data), path, data
 
 
@@ -294,11 +308,23 @@ def _samples(reports, receipts) -> list[list]:
 
 def run_benchmark(args, say=print) -> dict:
     """Start (or attach to) the daemon, measure the ceiling, run the load step(s); the result dict."""
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-bench-latency-"))
+    if args.workdir:
+        return _run_benchmark(args, Path(args.workdir), say)
+    with tempfile.TemporaryDirectory(prefix="edge-bench-latency-") as tmp:  # removed at the end
+        return _run_benchmark(args, Path(tmp), say)
+
+
+def _run_benchmark(args, workdir: Path, say) -> dict:
     cfg, path, data = _load_target(args, workdir)
     frame = synthetic_frames(*args.resolution, count=1, seed=99)[0]
     daemon = None
-    result: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "workers": cfg.workers}
+    result: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "quick_caps")},
+                    "workers": cfg.workers,
+                    "process_mode": cfg.process_mode, "transport": cfg.endpoints.ingest.split("://")[0],
+                    "machine_before": machine_info()}
+    say(machine_line(result["machine_before"]))
+    say(f"daemon: process_mode {cfg.process_mode}, {cfg.workers} worker(s), ingest {cfg.endpoints.ingest}, "
+        f"output {cfg.endpoints.output}")
     collector = None
     try:
         if path is not None:
@@ -332,17 +358,29 @@ def run_benchmark(args, say=print) -> dict:
             collector.close()
         if daemon is not None:
             result["daemon_exit_code"] = daemon.stop()
+        result["machine_after"] = machine_info()
     _add_ratios(result)
     return result
 
 
+def own_time(result: dict, q: str) -> float | None:
+    """The engine's own one-frame time at quantile ``q``: the lower of the two measurements (before and
+    after the load), the one less disturbed by other work on the machine."""
+    values = [c["own_ms"][q] for c in (result.get("ceiling_before"), result.get("ceiling_after"))
+              if c and c["own_ms"][q] is not None]
+    return min(values) if values else None
+
+
 def _add_ratios(result: dict) -> None:
     ceiling = result.get("ceiling")
+    own = {q: own_time(result, q) for q in ("p50", "p99")}
+    result["own_ms"] = own
     for step in result.get("steps", []):
         if ceiling and step["throughput_fps"]:
             step["ratio_to_ceiling"] = step["throughput_fps"] / (ceiling["ceiling_fps"] * result["workers"])
-            p99, own = step["latency_ms"]["p99"], ceiling["own_ms"]["p99"]
-            step["added_p99_ms"] = None if p99 is None else p99 - own
+            for q in ("p50", "p99"):
+                lat = step["latency_ms"][q]
+                step[f"added_{q}_ms"] = None if lat is None or own[q] is None else lat - own[q]
         step["saturated"] = bool(step["drops"] or (step["throughput_fps"] or 0) < 0.95 * step["offered_fps"])
 
 
@@ -371,6 +409,8 @@ def _ceiling_line(c: dict) -> str:
 
 def format_result(result: dict) -> str:
     lines = []
+    if "machine_after" in result:
+        lines.append("after the run: " + machine_line(result["machine_after"]))
     for s in result.get("steps", []):
         lines.append(f"offered {s['offered_fps']:.2f}/s: stages ms (p50 / p99): " + ", ".join(
             f"{k} {_f(v['p50'], '.1f')} / {_f(v['p99'], '.1f')}" for k, v in s["stages_ms"].items()))
@@ -379,7 +419,9 @@ def format_result(result: dict) -> str:
             extra.append(f"daemon/ceiling {100 * s['ratio_to_ceiling']:.0f} %"
                          f"{' (saturated)' if s['saturated'] else ' (not saturated)'}")
         if s.get("added_p99_ms") is not None:
-            extra.append(f"p99 over the engine's own p99 (one frame at a time): {s['added_p99_ms']:+.1f} ms")
+            extra.append(f"added latency (end-to-end minus the engine's own one-frame time): p50 "
+                         f"{s['added_p50_ms']:+.2f} ms, p99 {s['added_p99_ms']:+.2f} ms"
+                         f"{' (saturated: queueing, not overhead)' if s['saturated'] else ''}")
         extra.append(f"camera lateness max {s['camera_late_ms_max']:.1f} ms")
         if s["duplicates"]:
             extra.append(f"duplicates {s['duplicates']}")
@@ -431,22 +473,10 @@ def write_png(result: dict, path: Path) -> Path:
     return path
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
 def run(args) -> int:
-    import signal
-
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind through the finally blocks: the daemon is stopped
-    try:
-        result = run_benchmark(args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"edge-bench latency: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edge-bench latency: interrupted", file=sys.stderr)
-        return 130
+    """Errors and interrupts go through edge-bench's one error style (engines/cli_common.run_cli: SIGTERM
+    unwinds like Ctrl-C, through the finally blocks that stop the daemon)."""
+    result = run_benchmark(args)
     print(format_result(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
@@ -468,27 +498,43 @@ def _jsonable(value):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from engines.cli_common import RawDefaultsFormatter, positive_float, positive_int
+
     p = subparsers.add_parser("latency", help="end-to-end latency of the daemon under open-loop load",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=RawDefaultsFormatter)
     p.add_argument("--config", required=True, help="daemon YAML config")
-    p.add_argument("--bundle", help="model bundle; overrides engine.bundle")
+    p.add_argument("--bundle", help="model bundle; overrides engine.bundle (relative: to the current "
+                                    "directory)")
     p.add_argument("--attach", action="store_true", help="use a daemon already running with --config")
-    p.add_argument("--cameras", type=int, default=1, help="camera processes (default 1)")
-    p.add_argument("--fps", type=float, default=2.0, help="frames/s per camera (sweep: the first rate)")
-    p.add_argument("--resolution", type=parse_resolution, default=(2048, 2048), help="WxH (2048x2048)")
+    p.add_argument("--cameras", type=positive_int, default=1, help="camera processes")
+    p.add_argument("--fps", type=positive_float, default=2.0,
+                   help="frames/s per camera (sweep: the first rate)")
+    p.add_argument("--resolution", type=parse_resolution, default=(2048, 2048),
+                   help="WxH (default 2048x2048)")
     p.add_argument("--encoding", choices=("raw", "jpeg"), default="raw", help="mono8 raw or JPEG q90")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per step (10)")
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="a frame is unanswered when no record came for this many seconds (30)")
-    p.add_argument("--hwm", type=int, default=16, help="camera PUSH high-water mark (16)")
+    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds of load per step")
+    p.add_argument("--grace", type=positive_float, default=30.0,
+                   help="a frame is unanswered when no record came for this many seconds")
+    p.add_argument("--hwm", type=positive_int, default=16, help="camera PUSH high-water mark")
+    p.add_argument("--transport", choices=TRANSPORTS, default=None,
+                   help="frames in and verdicts out over loopback tcp or ipc unix sockets; default tcp")
+    p.add_argument("--mode", choices=("multi", "single"), default=None,
+                   help="process_mode of the started daemon; default: the config's")
     p.add_argument("--sweep", action="store_true", help="raise the rate until p99 > --budget-ms")
-    p.add_argument("--budget-ms", type=float, default=1000.0, help="p99 budget of the sweep (1000)")
-    p.add_argument("--step-factor", type=float, default=1.4, help="rate factor between sweep steps (1.4)")
-    p.add_argument("--max-steps", type=int, default=8, help="sweep steps at most (8)")
-    p.add_argument("--ceiling-seconds", type=float, default=5.0, help="time spent on the ceiling (5)")
+    p.add_argument("--budget-ms", type=positive_float, default=1000.0, help="p99 budget of the sweep")
+    p.add_argument("--step-factor", type=positive_float, default=1.4, help="rate factor between sweep steps")
+    p.add_argument("--max-steps", type=positive_int, default=8, help="sweep steps at most")
+    p.add_argument("--ceiling-seconds", type=positive_float, default=5.0, help="time spent on the ceiling")
     p.add_argument("--no-ceiling", action="store_true", help="skip the engine ceiling")
-    p.add_argument("--workdir", help="config copy and daemon log (default: a new temp folder)")
-    p.add_argument("--json", help="write the full result here")
-    p.add_argument("--png", help="write the latency CDF and timeline here")
-    p.set_defaults(func=run)
+    p.add_argument("--workdir", help="keep the config copy and the daemon log here; default: a temporary "
+                                     "folder, removed at the end")
+    p.add_argument("--json", help="write the full result here; default: print only")
+    p.add_argument("--png", help="write the latency CDF and timeline here; default: none")
+    p.set_defaults(func=run, quick_caps={"duration": 2.0, "ceiling_seconds": 0.5, "grace": 20.0,
+                                         "max_steps": 2, "resolution": _quick_resolution})
     return p
+
+
+def _quick_resolution(wh: tuple[int, int]) -> tuple[int, int]:
+    """EDGE_INSPECT_QUICK: frames of at most 512 x 512."""
+    return min(wh[0], 512), min(wh[1], 512)

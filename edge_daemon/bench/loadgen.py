@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -31,12 +32,16 @@ import numpy as np
 import yaml
 
 __all__ = ["CameraPlan", "CameraReport", "Receipt", "DaemonProcess", "VerdictCollector", "bench_config",
-           "local_endpoint", "run_cameras", "latency_stats", "handshake", "synthetic_frames", "WARMUP_BASE"]
+           "TRANSPORTS", "local_endpoint", "run_cameras", "latency_stats", "handshake", "synthetic_frames",
+           "WARMUP_BASE"]
 
 WARMUP_BASE = 1 << 40  # frame ids of hand-shake / warm-up frames start here (never counted)
 
 
 # ---- the daemon --------------------------------------------------------------------------------------------
+
+
+TRANSPORTS = ("tcp", "ipc")
 
 
 def local_endpoint(endpoint: str) -> str:
@@ -45,26 +50,37 @@ def local_endpoint(endpoint: str) -> str:
 
 
 def bench_config(base: dict, workdir: Path, cameras: list[str], frame_wh: tuple[int, int], channels: int = 1,
-                 bundle: str | None = None, base_dir: Path | None = None) -> tuple[Path, dict]:
+                 bundle: str | None = None, base_dir: Path | None = None, transport: str = "tcp",
+                 process_mode: str | None = None) -> tuple[Path, dict]:
     """A copy of the daemon config ``base`` for a local benchmark run, written to ``workdir/daemon.yaml``.
 
-    Changed: loopback endpoints on free ports, a unique instance and runtime dir, max_frame at least the
-    benchmark frame, the camera list (per-camera settings of ``base`` kept for ids it names), and
-    engine.bundle made absolute. Engine, workers, queue and inspection settings are kept as they are."""
+    Changed: local endpoints (``transport`` tcp: loopback on free ports; ipc: unix sockets in the runtime
+    dir) for frames and verdicts, a unique instance and runtime dir, max_frame at least the benchmark
+    frame, the camera list (per-camera settings of ``base`` kept for ids it names), engine.bundle made
+    absolute (a relative one is relative to ``base_dir``, default the current directory), and
+    ``process_mode`` when given. Engine, workers, queue and inspection settings are kept as they are."""
     from edge_daemon.transport import free_tcp_port
 
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
     data = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
     instance = f"bench{uuid.uuid4().hex[:8]}"
+    runtime = Path(tempfile.gettempdir()) / f"ei-{instance}"
     engine = dict(data.get("engine") or {})
     if bundle:
         engine["bundle"] = str(bundle)
-    if "bundle" in engine and base_dir is not None and not Path(engine["bundle"]).is_absolute():
-        engine["bundle"] = str((base_dir / engine["bundle"]).resolve())
+    if "bundle" in engine and not Path(engine["bundle"]).is_absolute():
+        engine["bundle"] = str((Path(base_dir or Path.cwd()) / engine["bundle"]).resolve())
     data["engine"] = engine
+    if transport == "ipc":
+        # named *.ipc: the daemon removes those files (and its runtime dir) when it stops
+        ingest, output = f"ipc://{runtime / 'frames.ipc'}", f"ipc://{runtime / 'verdicts.ipc'}"
+    else:
+        ingest, output = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     data["endpoints"] = {
         **(data.get("endpoints") or {}),
-        "ingest": f"tcp://127.0.0.1:{free_tcp_port()}",
-        "output": f"tcp://127.0.0.1:{free_tcp_port()}",
+        "ingest": ingest,
+        "output": output,
         "metrics_port": free_tcp_port(),
         "metrics_host": "127.0.0.1",
     }
@@ -80,7 +96,9 @@ def bench_config(base: dict, workdir: Path, cameras: list[str], frame_wh: tuple[
     known = {c["id"]: c for c in data.get("cameras") or [] if isinstance(c, dict) and "id" in c}
     data["cameras"] = [known.get(cam, {"id": cam}) for cam in cameras]
     data["instance"] = instance
-    data["runtime_dir"] = str(Path("/tmp") / f"ei-{instance}")
+    data["runtime_dir"] = str(runtime)  # the daemon removes it
+    if process_mode is not None:
+        data["process_mode"] = process_mode
     data.pop("curve", None)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "daemon.yaml"
@@ -98,6 +116,7 @@ class DaemonProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
+        env.pop("EDGE_INSPECT_QUICK", None)  # the caller stops this daemon, not the quick switch
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_daemon", "run", "--config", str(config)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
@@ -168,6 +187,7 @@ class Receipt:
     threshold: float | None = None
     timings_ms: dict = field(default_factory=dict)
     reason: str = ""
+    regions: tuple = ()  # the record's defect regions (dicts x, y, w, h, area, peak, mean)
 
     @property
     def latency_ms(self) -> float | None:
@@ -205,7 +225,8 @@ class VerdictCollector:
                     self.maps[(item.camera_id, item.frame_id)] = item.map
                 continue
             receipt = Receipt(item.camera_id, item.frame_id, item.kind, now, item.capture_ns, item.verdict,
-                              item.score, item.threshold, dict(item.timings_ms), item.reason)
+                              item.score, item.threshold, dict(item.timings_ms), item.reason,
+                              tuple(item.regions or ()))
             with self._lock:
                 self.receipts.append(receipt)
 
@@ -429,8 +450,8 @@ def run_cameras(plans: list[CameraPlan], timeout_s: float, stop=None, lead_s: fl
                 break
     finally:
         mp_stop.set()
-        for proc in procs:
-            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in procs:  # stop is set: a camera ends within one frame period (capped: poll's limits)
+            proc.join(timeout=min(60.0, max(0.1, deadline - time.monotonic())))
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)

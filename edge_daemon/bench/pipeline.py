@@ -94,7 +94,7 @@ class StandInEngine:
 
 
 def _time_frames(engine, frame, config, repeat: int) -> dict[str, list[float]]:
-    from edge_daemon.pipeline import inspect_frame
+    from inspection.pipeline import inspect_frame
 
     inspect_frame(engine, frame, config)  # warm caches (grids, weights)
     out: dict[str, list[float]] = {"total": []}
@@ -114,7 +114,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def run(args) -> int:
-    from edge_daemon.pipeline import InspectConfig
+    from inspection.pipeline import InspectConfig
 
     config = InspectConfig(tile_overlap=args.overlap, fusion=args.fusion)
     devices = ["cpu"]
@@ -126,6 +126,9 @@ def run(args) -> int:
                 devices.append("cuda:0")
         except ImportError:
             pass
+    from .machine import machine_line
+
+    print(machine_line())
     print(f"tile {args.tile}, stride {args.stride}, overlap >= {args.overlap}, fusion {args.fusion}, "
           f"maps {args.maps}, {args.repeat} runs; ms median / p90")
     print(f"{'frame':>10} {'input':>6} {'device':>7} {'tiles':>5} {'tile':>17} {'fuse':>17} {'verdict':>17} "
@@ -174,17 +177,23 @@ class _TorchWrap:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from engines.cli_common import RawDefaultsFormatter, non_negative_int, positive_int
+
     parser = subparsers.add_parser("pipeline", help="tiling + fusion + verdict per frame (engine excluded)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__, formatter_class=RawDefaultsFormatter)
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help="frames as WxH")
-    parser.add_argument("--inputs", nargs="+", default=["mono8"], choices=["mono8", "mono16", "rgb"])
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=4, help="map stride of the stand-in model")
-    parser.add_argument("--overlap", type=int, default=32, help="minimum tile overlap, frame pixels")
-    parser.add_argument("--fusion", default="blend", choices=["blend", "max"])
-    parser.add_argument("--maps", default="zeros", choices=["zeros", "random", "pool"])
-    parser.add_argument("--batch", type=int, default=64, help="engine max_batch")
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--inputs", nargs="+", default=["mono8"], choices=["mono8", "mono16", "rgb"],
+                        help="pixel formats of the frames")
+    parser.add_argument("--tile", type=positive_int, default=256, help="tile size of the stand-in model")
+    parser.add_argument("--stride", type=positive_int, default=4, help="map stride of the stand-in model")
+    parser.add_argument("--overlap", type=non_negative_int, default=32,
+                        help="minimum tile overlap, frame pixels")
+    parser.add_argument("--fusion", default="blend", choices=["blend", "max"],
+                        help="fusion of overlapping maps")
+    parser.add_argument("--maps", default="zeros", choices=["zeros", "random", "pool"],
+                        help="what the stand-in engine returns (zeros: nothing to find)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="engine max_batch")
+    parser.add_argument("--repeat", type=positive_int, default=20, help="timed runs per frame size and input")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA path even when a GPU is there")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, quick_caps={"repeat": 2, "sizes": lambda v: ["512x512"]})
     return parser

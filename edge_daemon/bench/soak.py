@@ -32,17 +32,20 @@ FAULTS = ("kill-worker", "camera-reconnect", "bad-messages", "overload-burst")
 
 
 def add_parser(subparsers) -> None:
+    from engines.cli_common import fraction, positive_float, positive_int
+
     p = subparsers.add_parser("soak", help="daemon under steady load with periodic faults (not in CI)")
-    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--minutes", type=positive_float, default=30.0, help="length of the run")
     p.add_argument("--bundle", help="model bundle; default: a tiny built-in one (32x32 mono tiles)")
-    p.add_argument("--rate", type=float, default=20.0, help="frames per second per camera")
-    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--rate", type=positive_float, default=20.0, help="frames per second per camera")
+    p.add_argument("--cameras", type=positive_int, default=2, help="simulated cameras")
     p.add_argument("--size", default="128x128", help="frame WxH (mono8)")
-    p.add_argument("--fault-every", type=float, default=30.0, help="seconds between injected faults")
-    p.add_argument("--report-every", type=float, default=15.0)
-    p.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before the RSS baseline")
-    p.add_argument("--json", help="write the samples and the summary here")
-    p.set_defaults(func=run)
+    p.add_argument("--fault-every", type=positive_float, default=30.0, help="seconds between injected faults")
+    p.add_argument("--report-every", type=positive_float, default=15.0, help="seconds between progress lines")
+    p.add_argument("--warmup", type=fraction, default=0.2, help="fraction of the run before the RSS baseline")
+    p.add_argument("--json", help="write the samples and the summary here; default: print the summary only")
+    p.set_defaults(func=run, quick_caps={"minutes": 0.2, "fault_every": 4.0, "report_every": 4.0,
+                                         "rate": 5.0})
 
 
 def tiny_bundle(out_dir: Path) -> Path:
@@ -160,10 +163,12 @@ class Soak:
 
     def start(self) -> None:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in finish()
+        env = {k: v for k, v in os.environ.items() if k != "EDGE_INSPECT_QUICK"}  # the soak stops it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_daemon", "run", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
