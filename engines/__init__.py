@@ -1,7 +1,8 @@
-"""Engines: a model bundle turned into something that runs (ONNX Runtime, PyTorch, TensorRT).
+"""Engines: a model bundle turned into something that runs (ONNX Runtime, OpenVINO, PyTorch, TensorRT).
 
-``open_engine(bundle_dir, backend="auto" | "onnxruntime" | "torch" | "tensorrt", ...)`` returns an object that
-follows the Engine protocol (engines.base). Importing this package imports neither torch nor onnxruntime.
+``open_engine(bundle_dir, backend="auto" | "onnxruntime" | "openvino" | "torch" | "tensorrt", ...)`` returns
+an object that follows the Engine protocol (engines.base). Importing this package imports neither torch nor
+onnxruntime nor openvino.
 """
 
 from .base import BackendUnavailable, Engine, EngineError, EngineInputError, InferHandle

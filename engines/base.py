@@ -6,9 +6,11 @@ Contract
   A torch uint8 tensor in (torch and TensorRT backends) -> a torch float32 tensor on the engine's device.
 - ``submit(tiles, slot)`` starts the same work asynchronously on stream/slot ``slot`` (0 <= slot < streams)
   and returns a handle; ``handle.result()`` blocks and returns what ``infer`` would have.
-  A slot holds one batch in flight; submitting to a busy slot waits for it first.
+  A slot holds one batch in flight; submitting to a busy slot waits for it first. The caller may drop or
+  reuse its tiles as soon as ``submit`` returns (NumPy tiles are copied; torch tiles are held by the engine
+  until the batch has run).
 - ``warmup()`` runs every batch-size bucket once (CUDA graphs captured, TensorRT contexts ready).
-- ``close()`` frees device memory; the engine is unusable afterwards.
+- ``close()`` frees device memory; afterwards infer/submit/warmup raise EngineError("engine is closed").
 Bad input (wrong dtype, shape, batch over max_batch) raises EngineInputError with the reason.
 """
 
@@ -62,7 +64,7 @@ class InferHandle(Protocol):
 class Engine(Protocol):
     backend: str  # "onnxruntime", "torch", "tensorrt"
     device: str  # "cpu", "cuda:0", ...
-    precision: str  # "fp32" or "fp16"
+    precision: str  # what runs: "fp32" (IEEE), "tf32", "fp16" (FP32 map head), ...
     meta: BundleMeta
     max_batch: int
     streams: int

@@ -1,10 +1,14 @@
 """Model bundle: the directory a trainer writes and every engine reads.
 
 A bundle holds
-  model.onnx   full graph: uint8 NHWC tiles -> normalised anomaly map B x 1 x h x w (float32)
-  core.pt2     torch.export program of the core network only (float NCHW normalised -> K raw maps),
-               used by the PyTorch backend, which runs pre/post-processing itself in FP32
-  bundle.json  metadata (see BundleMeta); sha256 of both files
+  model.onnx       full graph: uint8 NHWC tiles -> normalised anomaly map B x 1 x h x w (float32)
+  core.pt2         torch.export program of the core network only (float NCHW normalised -> K raw maps),
+                   used by the PyTorch backend, which runs pre/post-processing itself in FP32
+  model.int8.onnx  optional (``files.onnx_int8``): model.onnx with the core's convolutions quantised to INT8
+                   (QDQ, engines.quantize); pre/post-processing FP32. Its entry also holds "quantization",
+                   how it was calibrated, and once checked "guard", the accuracy guard's verdict
+                   (benchmarks/precision_guard.py --record). Bundles without it read as before.
+  bundle.json      metadata (see BundleMeta); sha256 of every file listed in ``files``
 
 Reading needs no torch and no onnx: the daemon's ONNX Runtime path stays light.
 """
@@ -17,12 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "BundleMeta", "InputSpec", "MapSpec",
-           "read_bundle", "write_bundle_json", "sha256_file"]
+           "read_bundle", "write_bundle_json", "sha256_file", "carried_precisions", "verified_precisions",
+           "onnx_file"]
 
 BUNDLE_FORMAT = "edge-inspect-bundle"
 BUNDLE_VERSION = 1
 ONNX_FILE = "model.onnx"
 TORCH_FILE = "core.pt2"
+INT8_FILE = "model.int8.onnx"
+ONNX_FILES = {"fp32": "onnx", "int8": "onnx_int8"}  # precision -> key in ``files``
 META_FILE = "bundle.json"
 
 
@@ -65,6 +72,7 @@ class BundleMeta:
     target_false_reject_rate: float = 0.01
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # how the thresholds were set (trainer/calibrate.py)
     versions: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> {"path", "sha256"}
     format: str = BUNDLE_FORMAT
@@ -142,10 +150,31 @@ def read_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleMeta:
     return meta
 
 
+def carried_precisions(meta: BundleMeta) -> frozenset[str]:
+    """The ONNX graph precisions a bundle carries: fp32 always, int8 when files.onnx_int8 is listed."""
+    return frozenset(p for p, key in ONNX_FILES.items() if key in meta.files)
+
+
+def verified_precisions(meta: BundleMeta) -> frozenset[str]:
+    """What ``precision="auto"`` may pick: fp32, and int8 once benchmarks/precision_guard.py --record wrote a
+    passed guard into files.onnx_int8.guard (re-quantising writes a new entry without one)."""
+    guard = meta.files.get("onnx_int8", {}).get("guard", {})
+    return frozenset({"fp32", "int8"} if guard.get("ok") is True else {"fp32"})
+
+
+def onnx_file(bundle_dir: str | Path, meta: BundleMeta, precision: str = "fp32") -> Path:
+    """Path of the ONNX graph of ``precision`` (fp32 or int8); BundleError when the bundle lacks it."""
+    key = ONNX_FILES.get(precision)
+    if key is None or key not in meta.files:
+        raise BundleError(f"bundle {bundle_dir} carries no {precision} ONNX graph (files: "
+                          f"{', '.join(sorted(meta.files))})")
+    return Path(bundle_dir) / meta.files[key]["path"]
+
+
 def write_bundle_json(bundle_dir: str | Path, meta: BundleMeta) -> Path:
-    """Write bundle.json after computing the sha256 of the files the meta lists."""
+    """Write bundle.json after computing the sha256 of the files the meta lists (other entry keys kept)."""
     bundle_dir = Path(bundle_dir)
-    files = {name: {"path": entry["path"], "sha256": sha256_file(bundle_dir / entry["path"])}
+    files = {name: {**entry, "path": entry["path"], "sha256": sha256_file(bundle_dir / entry["path"])}
              for name, entry in meta.files.items()}
     data = json.loads(meta.to_json())
     data["files"] = files

@@ -1,4 +1,8 @@
-"""ONNX Runtime backend (CPU): runs model.onnx, which already holds pre- and post-processing.
+"""ONNX Runtime backend (CPU): runs model.onnx (fp32) or model.int8.onnx (int8), both with pre/post inside.
+
+Precision: None or ``fp32`` runs model.onnx; ``int8`` runs the bundle's QDQ graph (engines.quantize; ORT fuses
+it into QLinearConv kernels); ``auto`` picks int8 where the bundle carries a guard-checked one and the CPU has
+INT8 dot products (engines.cpuinfo.choose_precision), with one INFO line saying why. bf16, fp16: refused.
 
 One InferenceSession (graph optimisation ALL, sequential execution, intra-op threads = configured or the
 machine's cores, inter-op 1). Each call binds the caller's tiles and a *new* output array with IO binding, so
@@ -8,6 +12,7 @@ ORT reads the tiles in place and writes the map straight into the array the call
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,9 +28,14 @@ from .base import (
     batch_buckets,
     check_tiles,
 )
-from .bundle import ONNX_FILE, BundleMeta
+from .bundle import BundleMeta, carried_precisions, onnx_file, verified_precisions
+from .cpuinfo import resolve_precision
 
-__all__ = ["OrtEngine", "open_backend", "session_options"]
+__all__ = ["OrtEngine", "open_backend", "session_options", "SUPPORTED"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("fp32", "int8")
 
 
 def _ort():
@@ -52,9 +62,9 @@ class OrtEngine(BundleGeometry):
     precision = "fp32"
 
     def __init__(self, onnx_path: Path, meta: BundleMeta, streams: int = 2, max_batch: int = 16,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32"):
         ort = _ort()
-        self.meta, self.streams, self.max_batch = meta, streams, max_batch
+        self.meta, self.streams, self.max_batch, self.precision = meta, streams, max_batch, precision
         self.threads = threads or os.cpu_count() or 1
         try:
             self._session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
@@ -116,7 +126,9 @@ def open_backend(bundle_dir: Path, meta: BundleMeta, *, device: str | None, prec
     if device not in (None, "cpu"):
         raise BackendUnavailable(f"onnxruntime backend runs on cpu only here, not {device!r} "
                                  "(use backend='torch' or 'tensorrt' on a GPU)")
-    if precision not in (None, "fp32"):
-        raise BackendUnavailable(f"onnxruntime backend on cpu runs fp32 only, not {precision!r}")
-    onnx_path = bundle_dir / meta.files.get("onnx", {}).get("path", ONNX_FILE)
-    return OrtEngine(onnx_path, meta, streams=streams, max_batch=max_batch, threads=threads)
+    chosen, why = resolve_precision(precision, carried_precisions(meta), SUPPORTED, "onnxruntime",
+                                    verified=verified_precisions(meta))
+    if precision == "auto":
+        log.info("onnxruntime precision auto -> %s (%s)", chosen, why)
+    return OrtEngine(onnx_file(bundle_dir, meta, chosen), meta, streams=streams, max_batch=max_batch,
+                     threads=threads, precision=chosen)

@@ -1,15 +1,23 @@
 """PyTorch backend: core.pt2 (torch.export) between Preprocess and MapPostprocess built from bundle.json.
 
 CPU: FP32 eager under torch.inference_mode; ``submit`` runs on one single-worker thread per slot.
-CUDA: the core runs FP16 (or FP32) channels_last; Preprocess/MapPostprocess stay FP32. Each slot owns a CUDA
-stream, pinned host input/output buffers and device buffers, and one CUDA graph per batch-size bucket
-(1, 2, 4, ..., max_batch; a batch is padded up to its bucket). A batch's host->device copy, graph replay and
-device->host copy are queued on its slot's stream and an event marks the end, so the copies of one slot
-overlap the compute of another. Results are copied out of the slot's buffers before the slot is reused.
+CUDA (precisions: ``fp16`` default, ``fp32`` = IEEE FP32, ``tf32`` = FP32 tensors with TF32 convolutions and
+matmuls, PyTorch's own default for cuDNN convolutions, named here so it is a choice, never a silent one):
+- fp16: engines.torch_fp16 rewrites the core: convolutions and everything above the last of them FP16,
+  the map head (squared differences, channel sums/means, EfficientAD's teacher normalisation) FP32, so an
+  out-of-distribution tile cannot overflow FP16 into an inf/NaN map; Preprocess/MapPostprocess stay FP32;
+- fp32/tf32: the core in FP32, each forward and CUDA-graph capture inside ``fp32_math(precision)``;
+- channels_last; each slot owns a CUDA stream, pinned host in/out buffers, a device input buffer and one
+  CUDA graph per batch-size bucket (1, 2, 4, ..., max_batch; a batch is padded up to its bucket). Batches
+  run through engines.cuda_slots.enqueue (stream rules there: slot streams wait for the engine's set-up,
+  torch tiles are record_stream-ed and held until the batch's event);
+- ``close()`` waits for the slots, then drops them (graphs, pools, buffers, the last results), the core and
+  pre/post modules, and only then empties the caching allocator.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -28,7 +36,9 @@ from .base import (
 )
 from .bundle import TORCH_FILE, BundleMeta
 
-__all__ = ["TorchEngine", "open_backend", "load_core", "stage_input"]
+__all__ = ["TorchEngine", "open_backend", "load_core", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 try:
     import torch
@@ -36,13 +46,13 @@ except ImportError:  # pragma: no cover - torch is a hard dependency of this bac
     torch = None
 
 
-def load_core(path: Path, device: str = "cpu"):
+def load_core(path: Path, device="cpu"):
     """torch.export program -> nn.Module on ``device`` (move_to_device_pass where this torch has it)."""
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise EngineError(f"could not load the torch.export core {path}: {exc}") from exc
-    if device != "cpu":
+    if str(device) != "cpu":
         try:
             from torch.export.passes import move_to_device_pass
         except ImportError:
@@ -51,60 +61,12 @@ def load_core(path: Path, device: str = "cpu"):
     return program.module()
 
 
-class _Handle:
-    """Result of one CUDA batch; copies out of the slot's pinned buffer at most once."""
-
-    def __init__(self, event, host_out, device_out, batch: int):
-        self._event, self._host_out, self._device_out, self._batch = event, host_out, device_out, batch
-        self._value = None
-
-    def done(self) -> bool:
-        return self._value is not None or self._event.query()
-
-    def result(self):
-        if self._value is None:
-            self._event.synchronize()
-            if self._device_out is not None:  # torch in -> a fresh device tensor out
-                self._value = self._device_out
-                self._value.record_stream(torch.cuda.current_stream(self._value.device))
-            else:
-                self._value = self._host_out[: self._batch].numpy().copy()
-            self._host_out = self._device_out = None
-        return self._value
-
-
-def stage_input(slot, tiles, batch: int, device) -> bool:
-    """Free a slot for the next batch and stage its tiles; True when the tiles are a (device) torch tensor.
-
-    Shared by the CUDA backends (torch, TensorRT): waits for the slot's previous batch to be copied out, then
-    either orders the slot's stream after the caller's (torch tiles may still be being written) or copies
-    NumPy tiles into the slot's pinned host buffer.
-    """
-    if slot.pending is not None:
-        slot.pending.result()  # copy the previous batch out before its buffers are overwritten
-    if isinstance(tiles, torch.Tensor):
-        slot.stream.wait_stream(torch.cuda.current_stream(device))
-        return True
-    slot.host_in[:batch].numpy()[...] = tiles
-    return False
-
-
-class _CudaSlot:
-    def __init__(self, device, input_shape, map_shape, max_batch: int):
-        self.stream = torch.cuda.Stream(device=device)
-        self.host_in = torch.empty((max_batch, *input_shape), dtype=torch.uint8).pin_memory()
-        self.host_out = torch.empty((max_batch, 1, *map_shape), dtype=torch.float32).pin_memory()
-        self.dev_in = torch.zeros((max_batch, *input_shape), dtype=torch.uint8, device=device)
-        self.graphs: dict[int, tuple] = {}  # bucket -> (CUDAGraph, static output)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.pending: _Handle | None = None
-
-
 class TorchEngine(BundleGeometry):
     backend = "torch"
 
     def __init__(self, core_path: Path, meta: BundleMeta, device: str = "cpu", precision: str = "fp32",
-                 streams: int = 2, max_batch: int = 16, threads: int | None = None, cuda_graphs: bool = True):
+                 streams: int = 2, max_batch: int = 16, threads: int | None = None, cuda_graphs: bool = True,
+                 ops=None):
         from .graph import MapPostprocess, Preprocess
 
         self.meta, self.device, self.precision = meta, device, precision
@@ -112,25 +74,43 @@ class TorchEngine(BundleGeometry):
         self.buckets = batch_buckets(max_batch)
         if threads:
             torch.set_num_threads(threads)  # process-wide, as torch has it
-        self._core_dtype = torch.float16 if precision == "fp16" else torch.float32
-        core = load_core(core_path, device)  # exported in eval mode; .eval() is not allowed on it
-        self._pre = Preprocess(meta.input).to(device).eval()
-        self._post = MapPostprocess(meta.map).to(device).eval()
-        if device == "cpu":
-            self._core = core
-            self._cpu_slots = SlotPool(streams, "torch")
-        else:
-            self._core = core.to(dtype=self._core_dtype, memory_format=torch.channels_last)
-            self._slots = [_CudaSlot(device, self.input_shape, self.map_shape, max_batch)
-                           for _ in range(streams)]
-            self._capture_lock = threading.Lock()
         self._closed = False
+        if device == "cpu":
+            self._core = load_core(core_path)  # exported in eval mode; .eval() is not allowed on it
+            self._pre, self._post = Preprocess(meta.input).eval(), MapPostprocess(meta.map).eval()
+            self._cpu_slots = SlotPool(streams, "torch")
+            return
+        from .cuda_slots import CUDA, Slot, ready_streams
+
+        self._ops = ops or CUDA
+        where = self._ops.tensor_device(device)
+        with self._ops.use_device(device):  # streams, buffers and kernels on this GPU, not the current one
+            self._core = self._cuda_core(core_path, where)
+            self._pre = Preprocess(meta.input).to(where).eval()
+            self._post = MapPostprocess(meta.map).to(where).eval()
+            self._slots = [Slot(self._ops, device, self.input_shape, (1, *self.map_shape), max_batch)
+                           for _ in range(streams)]
+            for slot in self._slots:
+                slot.graphs, slot.pool = {}, None  # bucket -> (CUDAGraph, static output); graph pool
+            ready_streams(self._ops, self._slots, device)
+        self._capture_lock = threading.Lock()
+
+    def _cuda_core(self, core_path: Path, where):
+        core = load_core(core_path, where)
+        if self.precision == "fp16":
+            from .torch_fp16 import mixed_precision
+
+            core = mixed_precision(core)
+        return core.to(memory_format=torch.channels_last)
 
     def _forward(self, tiles):
-        x = self._pre(tiles)
-        if self.device != "cpu":
-            x = x.to(self._core_dtype).contiguous(memory_format=torch.channels_last)
-        return self._post(self._core(x))
+        if self.device == "cpu":
+            return self._post(self._core(self._pre(tiles)))
+        from .cuda_slots import fp32_math
+
+        with fp32_math(self.precision):
+            x = self._pre(tiles).contiguous(memory_format=torch.channels_last)
+            return self._post(self._core(x))
 
     def _check(self, tiles) -> int:
         if self._closed:
@@ -147,7 +127,7 @@ class TorchEngine(BundleGeometry):
         return out.numpy() if as_numpy else out  # a new tensor per call: nothing is reused
 
     # --- CUDA -------------------------------------------------------------------------------------------
-    def _graph(self, slot: _CudaSlot, bucket: int):
+    def _graph(self, slot, bucket: int):
         with self._capture_lock:
             if bucket not in slot.graphs:
                 static_in = slot.dev_in[:bucket]
@@ -155,6 +135,7 @@ class TorchEngine(BundleGeometry):
                     for _ in range(2):  # warm up kernels / cuDNN choices outside the capture
                         self._forward(static_in)
                     slot.stream.synchronize()
+                    slot.pool = slot.pool or torch.cuda.graph_pool_handle()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=slot.pool, stream=slot.stream,
                                           capture_error_mode="thread_local"):
@@ -162,26 +143,19 @@ class TorchEngine(BundleGeometry):
                 slot.graphs[bucket] = (graph, static_out)
             return slot.graphs[bucket]
 
-    def _enqueue(self, slot: _CudaSlot, tiles, batch: int) -> _Handle:
+    def _run_slot(self, slot, batch: int):
         bucket = bucket_for(batch, self.buckets)
-        as_torch = stage_input(slot, tiles, batch, self.device)
-        graph = self._graph(slot, bucket) if self.cuda_graphs else None
-        device_out = None
-        with torch.inference_mode(), torch.cuda.stream(slot.stream):
-            slot.dev_in[:batch].copy_(tiles if as_torch else slot.host_in[:batch], non_blocking=True)
-            if graph is not None:
-                graph[0].replay()
-                out = graph[1]
-            else:
-                out = self._forward(slot.dev_in[:bucket])
-            if as_torch:
-                device_out = out[:batch].clone()
-            else:
-                slot.host_out[:batch].copy_(out[:batch], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(slot.stream)
-        slot.pending = _Handle(event, slot.host_out, device_out, batch)
-        return slot.pending
+        if not self.cuda_graphs:
+            return self._forward(slot.dev_in[:bucket])
+        graph, static_out = self._graph(slot, bucket)
+        graph.replay()
+        return static_out
+
+    def _enqueue(self, slot, tiles, batch: int):
+        from .cuda_slots import enqueue
+
+        with self._ops.use_device(self.device):
+            return enqueue(self._ops, slot, tiles, batch, self.device, lambda s: self._run_slot(s, batch))
 
     # --- Engine protocol --------------------------------------------------------------------------------
     def infer(self, tiles):
@@ -218,14 +192,16 @@ class TorchEngine(BundleGeometry):
         self._closed = True
         if self.device == "cpu":
             self._cpu_slots.shutdown()
-        else:
-            for slot in self._slots:
-                if slot.pending is not None:
-                    slot.pending.result()
-            torch.cuda.synchronize(self.device)
-            self._slots = []
-            torch.cuda.empty_cache()
+            self._core = self._pre = self._post = None
+            return
+        from .cuda_slots import finish_pending
+
+        finish_pending(self._slots)
+        self._ops.synchronize(self.device)
+        self._slots = []  # graphs, graph pools, buffers and the last results go with the slots
         self._core = self._pre = self._post = None
+        gc.collect()  # an fx.GraphModule is in a reference cycle (graph.owning_module): refcounts miss it
+        self._ops.empty_cache()  # only now is the memory unreferenced
 
 
 def _resolve(device: str | None, precision: str | None) -> tuple[str, str]:
@@ -246,7 +222,7 @@ def _resolve(device: str | None, precision: str | None) -> tuple[str, str]:
         raise BackendUnavailable(f"torch backend: unknown device {device!r} (cpu, cuda, cuda:N)")
     if precision not in (None, "fp32"):
         raise BackendUnavailable(f"torch backend: precision {precision!r} is not available on cpu "
-                                 "(fp32 only)")
+                                 "(fp32 only; tf32 and fp16 need CUDA)")
     return device, "fp32"
 
 
@@ -257,8 +233,8 @@ def open_backend(bundle_dir: Path, meta: BundleMeta, *, device: str | None, prec
         raise BackendUnavailable("torch backend: torch is not installed")
     if options:
         raise BackendUnavailable(f"torch backend has no options {sorted(options)}")
-    if precision not in (None, "fp32", "fp16"):
-        raise BackendUnavailable(f"torch backend: unknown precision {precision!r} (fp32, fp16)")
+    if precision not in (None, *PRECISIONS):
+        raise BackendUnavailable(f"torch backend: unknown precision {precision!r} ({', '.join(PRECISIONS)})")
     device, precision = _resolve(device, precision)
     entry = meta.files.get("torch")
     if entry is None:
