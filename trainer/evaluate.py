@@ -1,10 +1,13 @@
 """Run a model (or an exported bundle) on labelled images and compute the metrics.
 
-A fully convolutional model (DFR) runs on whole images (batched, torch.no_grad, CPU). A model built for a
-fixed input size (EfficientAD: ``image_hw``, its autoencoder decodes a fixed size) and a bundle (fixed tile)
-cover each image with overlapping tiles whose origins lie on the map stride; overlapping map pixels are
-averaged (``tiled_maps``). Raw maps are normalised by ``engines.graph.MapPostprocess`` (the bundle's one
-formula) at the maps' own size.
+Image scores and the maps the metrics read are the daemon's (trainer.scoring: inspection.pipeline tiles each
+image at the bundle's tile size with the daemon's overlap, fuses, smooths and scores), so the false-reject and
+miss rates measured here are the ones a line would see at the calibrated threshold.
+
+Raw maps for the map normalisation (``raw_maps``): a fully convolutional model (DFR) runs on whole images; a
+model built for a fixed input size (EfficientAD) covers each image with overlapping tiles whose origins lie on
+the map stride, overlaps averaged (``tiled_maps``). Raw maps are normalised by
+``engines.graph.MapPostprocess`` (the bundle's one formula) at the maps' own size.
 """
 
 from __future__ import annotations
@@ -18,20 +21,22 @@ import torch
 
 from engines.bundle import InputSpec, MapSpec
 from engines.graph import MapPostprocess, Preprocess
+from inspection.pipeline import InspectConfig
 
-from .calibrate import Thresholds, image_score
+from .calibrate import Thresholds
 from .data import GOOD, EvalSet
 from .metrics import MetricError, au_pro, f1_max, image_auroc, pixel_auroc
+from .scoring import ModelEngine, Scored, score_images
 
 __all__ = ["EvalResult", "input_spec_for", "raw_maps", "normalise", "model_maps", "tile_starts", "tiled_maps",
-           "bundle_maps", "evaluate_maps", "evaluate"]
+           "model_scored", "bundle_scored", "fail_regions", "evaluate_scored"]
 
 
 @dataclass(frozen=True)
 class EvalResult:
     metrics: dict
     scores: np.ndarray  # image score per test image
-    maps: list[np.ndarray]  # normalised map per test image (h x w)
+    maps: list[np.ndarray]  # smoothed normalised frame map per test image (output scale)
 
 
 def input_spec_for(model, channels: int, height: int, width: int) -> InputSpec:
@@ -121,40 +126,69 @@ def tiled_maps(run, images: list[np.ndarray], tile: tuple[int, int], stride: int
     return out
 
 
-def bundle_maps(bundle_dir: str | Path, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """Normalised h x w maps of whole images from a bundle's model.onnx (ONNX Runtime, CPU), tiled."""
-    import onnxruntime as ort
-
-    from engines.bundle import read_bundle
-    from engines.graph import ONNX_INPUT
-
-    meta = read_bundle(bundle_dir)
-    session = ort.InferenceSession(str(Path(bundle_dir) / meta.files["onnx"]["path"]),
-                                   providers=["CPUExecutionProvider"])
-    maps = tiled_maps(lambda b: session.run(None, {ONNX_INPUT: b})[0], images,
-                      (meta.input.height, meta.input.width), meta.map.stride, batch_size)
-    return [m[0] for m in maps]
-
-
 def _upsample(maps: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
     return np.stack([cv2.resize(m, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
                      for m, mask in zip(maps, masks, strict=True)])
 
 
-def evaluate_maps(maps: list[np.ndarray], data: EvalSet, thresholds: Thresholds | None = None) -> EvalResult:
-    """Metrics from normalised maps: image AUROC / F1-max on the headline images, per-group AUROC,
-    rates at the calibrated threshold, pixel AUROC and AU-PRO (FPR <= 0.3) when masks exist."""
-    scores = np.array([image_score(m) for m in maps])
+def model_scored(model, images: list[np.ndarray], channels: int, tile: int, map_spec: MapSpec,
+                 config: InspectConfig | None = None, batch_size: int = 8) -> Scored:
+    """Scores and smoothed frame maps of ``images`` from a torch model, as the daemon computes them."""
+    engine = ModelEngine(model, channels, (tile, tile), map_spec, max_batch=batch_size)
+    return score_images(engine, images, config)
+
+
+def bundle_scored(bundle_dir: str | Path, images: list[np.ndarray], config: InspectConfig | None = None,
+                  batch_size: int = 8, threads: int | None = None) -> Scored:
+    """Scores and smoothed frame maps of ``images`` from a bundle's model.onnx (ONNX Runtime, CPU)."""
+    from engines.registry import open_engine
+
+    engine = open_engine(bundle_dir, backend="onnxruntime", max_batch=batch_size, streams=1, threads=threads)
+    try:
+        return score_images(engine, images, config)
+    finally:
+        engine.close()
+
+
+def fail_regions(scored: Scored, thresholds: Thresholds) -> tuple[int, int]:
+    """(FAIL verdicts, FAILs with at least one region) of every scored image, decided by the daemon's verdict
+    code (inspection.verdict.decide) on its smoothed map at the calibrated thresholds."""
+    from inspection.verdict import decide
+
+    fails = with_regions = 0
+    for score, smoothed in zip(scored.scores, scored.maps, strict=True):
+        if score < thresholds.image:
+            continue
+        h, w = smoothed.shape
+        frame_hw = (h * scored.stride, w * scored.stride)
+        verdict = decide(smoothed, None, stride=scored.stride, frame_hw=frame_hw,
+                         image_threshold=thresholds.image, pixel_threshold=thresholds.pixel, sigma=0.0,
+                         min_area=scored.config.min_region_area)
+        fails += 1
+        with_regions += bool(verdict.regions)
+    return fails, with_regions
+
+
+def evaluate_scored(scored: Scored, data: EvalSet, thresholds: Thresholds | None = None) -> EvalResult:
+    """Metrics from the daemon's scores and smoothed frame maps: image AUROC / F1-max on the headline
+    images, per-group AUROC, rates at the calibrated threshold, pixel AUROC and AU-PRO (FPR <= 0.3) when
+    masks exist."""
+    scores, maps = scored.scores, scored.maps
     groups = np.array(data.groups)
     main = ~np.isin(groups, data.separate_groups)
     labels = data.labels[main]
     metrics: dict = {"n_good": int((labels == 0).sum()), "n_defect": int((labels == 1).sum())}
     metrics["image_auroc"] = image_auroc(scores[main], labels)
     metrics["image_f1_max"], metrics["image_f1_threshold"] = f1_max(scores[main], labels)
+    if (labels == 0).sum() >= 2 and (labels == 1).any():
+        # ranking at a fixed operating point, not deployable: the threshold is read off the test set itself
+        at_2_percent = np.quantile(scores[main][labels == 0], 0.98)
+        metrics["oracle_miss_at_frr_0.02"] = float((scores[main][labels == 1] < at_2_percent).mean())
     if thresholds is not None:
         rejected = scores[main] >= thresholds.image
-        metrics["false_reject_rate"] = float(rejected[labels == 0].mean())
-        metrics["miss_rate"] = float((~rejected[labels == 1]).mean())
+        metrics["false_reject_rate"] = float(rejected[labels == 0].mean()) if (labels == 0).any() else None
+        metrics["miss_rate"] = float((~rejected[labels == 1]).mean()) if (labels == 1).any() else None
+        metrics["fails"], metrics["fails_with_regions"] = fail_regions(scored, thresholds)
     good = groups == GOOD
     metrics["per_group_auroc"] = {
         str(g): image_auroc(scores[good | (groups == g)], (groups[good | (groups == g)] == g).astype(int))
@@ -169,9 +203,3 @@ def evaluate_maps(maps: list[np.ndarray], data: EvalSet, thresholds: Thresholds 
         except MetricError as exc:
             metrics["pixel_metrics_skipped"] = str(exc)
     return EvalResult(metrics=metrics, scores=scores, maps=maps)
-
-
-def evaluate(model, data: EvalSet, map_spec: MapSpec, thresholds: Thresholds | None = None,
-             batch_size: int = 8) -> EvalResult:
-    """Run ``model`` on the whole test images and compute the metrics."""
-    return evaluate_maps(model_maps(model, data.images, map_spec, batch_size), data, thresholds)

@@ -23,7 +23,6 @@ from torch import nn
 
 from . import losses
 from .data.superpixels import random_fill
-from .models.backbones.efficientnet_lite import TAP_CHANNELS, efficientnet_lite0
 from .models.dfr import pca_latent_dim
 from .models.efficientad import TEACHER_CHANNELS
 
@@ -32,7 +31,6 @@ __all__ = ["TrainConfig", "CheckpointError", "fit", "pretrain_teacher", "read_ch
 
 CHECKPOINT_FORMAT = "edge-inspect-checkpoint"
 CHECKPOINT_VERSION = 1
-TEACHER_TAPS = (4, 8, 16)
 Progress = Callable[[int, int, dict], None]
 
 
@@ -60,6 +58,11 @@ class TrainConfig:
     hard_quantile: float = 0.999
     pca_variance: float = 0.9  # DFR latent size: explained variance of the training features
     pca_samples: int = 16  # DFR: training crops whose features feed the PCA
+    time_budget: float = 0.0  # seconds for the whole fit() call; > 0: steps is only an upper bound
+    val_every: int = 0  # steps between validation checks (0: a 20th of the run)
+    val_crops: int = 8  # fixed crops of the validation images scored at each check
+    patience: int = 5  # checks without improvement before stopping early
+    min_delta: float = 0.01  # relative improvement that counts
 
     def __post_init__(self):
         checks = [(self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -67,6 +70,9 @@ class TrainConfig:
                   (self.teacher_steps >= 0, "teacher_steps must be >= 0"),
                   (self.tile >= 32, "tile must be >= 32"),
                   (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+                  (self.time_budget >= 0, "time_budget must be >= 0"),
+                  (self.val_every >= 0 and self.val_crops >= 1 and self.patience >= 1,
+                   "val_every >= 0, val_crops >= 1 and patience >= 1"),
                   (self.progress_every >= 1, "progress_every must be >= 1"),
                   (0 < self.hard_quantile < 1, "hard_quantile must be in (0, 1)"),
                   (0 < self.pca_variance <= 1, "pca_variance must be in (0, 1]"),
@@ -119,8 +125,8 @@ def sample_batch(images: list[torch.Tensor], tile: int, batch: int, gen: torch.G
 
 
 def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -137,32 +143,6 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, strength: float = 0.2, a
             grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
             x = (x - grey) * f + grey
     return x.clamp(0.0, 1.0)
-
-
-def strong_augment(images: list[torch.Tensor], tile: int, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Teacher distillation views: random resized crop (scale 0.7-1.4 of the tile, aspect 3/4-4/3), flips,
-    rotation up to 30 degrees (reflection padding), colour jitter 0.4."""
-    out = []
-    for _ in range(batch):
-        img = images[_randint(len(images), gen)].float() / 255.0
-        side = tile * math.exp(_uniform(math.log(0.7), math.log(1.4), gen))
-        aspect = math.exp(_uniform(math.log(3 / 4), math.log(4 / 3), gen))
-        h = min(img.shape[1], max(8, round(side / math.sqrt(aspect))))
-        w = min(img.shape[2], max(8, round(side * math.sqrt(aspect))))
-        top, left = _randint(img.shape[1] - h + 1, gen), _randint(img.shape[2] - w + 1, gen)
-        crop = F.interpolate(img[None, :, top:top + h, left:left + w], size=(tile, tile), mode="bilinear",
-                             align_corners=False, antialias=True)
-        if _uniform(0, 1, gen) < 0.5:
-            crop = crop.flip(-1)
-        if _uniform(0, 1, gen) < 0.5:
-            crop = crop.flip(-2)
-        angle = math.radians(_uniform(-30, 30, gen))
-        cos, sin = math.cos(angle), math.sin(angle)
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
-        grid = F.affine_grid(theta, list(crop.shape), align_corners=False)
-        crop = F.grid_sample(crop, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        out.append(color_jitter(crop, gen, 0.4, all_kinds=True))
-    return torch.cat(out)
 
 
 def inject_noise_patches(x: torch.Tensor, gen: torch.Generator, fraction: float = 0.4,
@@ -248,34 +228,6 @@ def _require_efficientad(model: nn.Module, tile: int) -> None:
                          f"create it with tile={tile}")
 
 
-class _DistillTarget(nn.Module):
-    """Backbone taps at strides 4/8/16 resized to the PDN output grid and standardised per channel."""
-
-    def __init__(self, out_hw: tuple[int, int]):
-        super().__init__()
-        self.backbone = efficientnet_lite0()
-        self.out_hw = out_hw
-        channels = sum(TAP_CHANNELS[t] for t in TEACHER_TAPS)
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
-
-    @torch.no_grad()
-    def raw(self, x01: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.features(normalise(x01, self.backbone.input_mean, self.backbone.input_std),
-                                       TEACHER_TAPS)
-        return torch.cat([F.interpolate(feats[t], size=self.out_hw, mode="bilinear", align_corners=False)
-                          for t in TEACHER_TAPS], dim=1)
-
-    @torch.no_grad()
-    def fit_stats(self, batches: list[torch.Tensor]) -> None:
-        f = torch.cat([self.raw(b).transpose(0, 1).reshape(self.mean.shape[1], -1) for b in batches], dim=1)
-        self.mean.copy_(f.mean(dim=1).view_as(self.mean))
-        self.std.copy_(f.std(dim=1).clamp(min=1e-6).view_as(self.std))
-
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return (self.raw(x01) - self.mean) / self.std
-
-
 @torch.no_grad()
 def teacher_statistics(model: nn.Module, images: list[torch.Tensor], tile: int) -> None:
     """Set the teacher's channel mean/std buffers from non-overlapping tile crops of the images."""
@@ -285,7 +237,7 @@ def teacher_statistics(model: nn.Module, images: list[torch.Tensor], tile: int) 
         for top in range(0, img.shape[1] - tile + 1, tile):
             for left in range(0, img.shape[2] - tile + 1, tile):
                 x = normalise(img[None, :, top:top + tile, left:left + tile].float() / 255.0, mean, std)
-                outs.append(model.teacher(x).transpose(0, 1).reshape(TEACHER_CHANNELS, -1))
+                outs.append(model.teacher_raw(x).transpose(0, 1).reshape(TEACHER_CHANNELS, -1))
     f = torch.cat(outs, dim=1)
     model.teacher_mean.copy_(f.mean(dim=1).view_as(model.teacher_mean))
     model.teacher_std.copy_(f.std(dim=1).clamp(min=1e-6).view_as(model.teacher_std))
@@ -293,45 +245,29 @@ def teacher_statistics(model: nn.Module, images: list[torch.Tensor], tile: int) 
 
 def pretrain_teacher(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
                      progress: Progress | None = None) -> dict:
-    """Distil EfficientNet-Lite0 features into the EfficientAD teacher PDN, then set its normalisation.
+    """Distil EfficientNet-Lite0 features into the EfficientAD teacher PDN (trainer.teacher.distill_teacher)
+    on 64 px crops (the PDN is fully convolutional: the crop need not be the tile) with
+    config.teacher_steps / batch_size / lr / seed, continuing from the teacher's current weights, then set
+    its channel statistics on tiles of the images."""
+    from .teacher import DistillConfig, distill_teacher  # teacher.py builds on this module's helpers
 
-    Target: Lite0 taps at strides 4, 8, 16 (24 + 40 + 112 = 176 channels) resized to the PDN output grid and
-    standardised per channel. The teacher keeps 384 output channels (the student and autoencoder are sized for
-    it), so a learned 1x1 linear head maps the teacher's 384 channels to the 176 target channels and the
-    MSE is taken there; the head is discarded afterwards. Views are strongly augmented (see strong_augment).
-    """
     _require_efficientad(model, config.tile)
-    tensors = prepare_images(images, config.tile)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    target = _DistillTarget(model.feature_hw)
-    target.fit_stats([strong_augment(tensors, config.tile, config.batch_size, gen)
-                      for _ in range(min(8, max(1, config.teacher_steps)))])
-    head = nn.Conv2d(TEACHER_CHANNELS, target.mean.shape[1], 1)
-    model.teacher.requires_grad_(True).train()
-    params = list(model.teacher.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    history, start = [], time.perf_counter()
-    for step in range(config.teacher_steps):
-        _set_lr(optimizer, config, step, config.teacher_steps)
-        x01 = strong_augment(tensors, config.tile, config.batch_size, gen)
-        loss = F.mse_loss(head(model.teacher(normalise(x01, model.input_mean, model.input_std))), target(x01))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
-        _report(progress, step + 1, config.teacher_steps, config, {"teacher_loss": history[-1]})
-    model.teacher.requires_grad_(False).eval()
-    teacher_statistics(model, tensors, config.tile)
+    if model.padded:
+        raise ValueError("teacher distillation needs the unpadded PDN (padded=False)")
+    dc = DistillConfig(crop=64, steps=config.teacher_steps, batch_size=config.batch_size,
+                       lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+                       progress_every=config.progress_every)
+    summary = distill_teacher(model.teacher, images, dc, model.input_mean, model.input_std, progress)
+    teacher_statistics(model, prepare_images(images, config.tile), config.tile)
     model.teacher_trained.fill_(True)
-    return {"loss": history, "steps": config.teacher_steps, "seconds": time.perf_counter() - start}
+    return summary
 
 
 def _feature_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Image-resolution anomaly mask -> the student/teacher feature grid (any injected pixel counts)."""
     m = F.max_pool2d(mask, model.map_stride)
-    if not model.padded:
-        m = m[..., 4:-4, 4:-4]
+    if model.map_crop:
+        m = m[..., model.map_crop:-model.map_crop, model.map_crop:-model.map_crop]
     if tuple(m.shape[-2:]) != model.feature_hw:
         m = F.interpolate(m, size=model.feature_hw, mode="nearest")
     return m
@@ -346,7 +282,7 @@ def _efficientad_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, 
     x = normalise(x_st, mean, std)
     with torch.no_grad():
         teacher = model.teacher_features(x)
-    student = model.student(x)[:, :TEACHER_CHANNELS]
+    student = model.student_features(x)[:, :TEACHER_CHANNELS]
     fmask = _feature_mask(mask, model)
     d = ((teacher - student) ** 2).mean(dim=1, keepdim=True)
     if config.cdo:
@@ -358,13 +294,14 @@ def _efficientad_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, 
             parts["push"] = losses.anomaly_push_loss(d, fmask)
     if penalty:
         p = sample_batch(penalty, config.tile, 1, gen)
-        parts["penalty"] = losses.penalty_loss(model.student(normalise(p, mean, std))[:, :TEACHER_CHANNELS])
+        student_p = model.student_features(normalise(p, mean, std))
+        parts["penalty"] = losses.penalty_loss(student_p[:, :TEACHER_CHANNELS])
     x_ae = normalise(color_jitter(x01, gen), mean, std)
     ae = model.autoencoder(x_ae)
     with torch.no_grad():
         teacher_ae = model.teacher_features(x_ae)
     parts["ae"] = losses.ae_loss(teacher_ae, ae)
-    parts["stae"] = losses.student_ae_loss(ae, model.student(x_ae)[:, TEACHER_CHANNELS:])
+    parts["stae"] = losses.student_ae_loss(ae, model.student_features(x_ae)[:, TEACHER_CHANNELS:])
     return parts
 
 
@@ -372,7 +309,7 @@ def _efficientad_setup(model: nn.Module, tensors: list[torch.Tensor], images, co
                        progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
     _require_efficientad(model, config.tile)
     if not resumed:
-        if not bool(model.teacher_trained) and config.teacher_steps > 0:
+        if config.teacher_steps > 0:
             info["teacher"] = pretrain_teacher(model, images, config, progress)
         else:
             teacher_statistics(model, tensors, config.tile)
@@ -391,15 +328,21 @@ def _dfr_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: tor
 
 def _dfr_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: TrainConfig,
                progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
-    if model.autoencoder is None:
+    """Per-channel feature statistics (when the model standardises) and the PCA latent size, from the
+    regional features of ``config.pca_samples`` training crops; both are kept when resuming."""
+    if model.autoencoder is None or (model.standardise and not bool(model.stats_set) and not resumed):
         gen = torch.Generator().manual_seed(config.seed + 2)
-        feats = [model.regional_features(normalise(sample_batch(tensors, config.tile, 1, gen),
-                                                   model.input_mean, model.input_std))
+        feats = [model.raw_regional_features(normalise(sample_batch(tensors, config.tile, 1, gen),
+                                                       model.input_mean, model.input_std))
                  for _ in range(config.pca_samples)]
         flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats])
-        latent = pca_latent_dim(flat, config.pca_variance)
-        torch.manual_seed(config.seed)
-        model.build_autoencoder(latent)
+        if model.standardise:
+            model.set_feature_stats(flat)
+            flat = (flat - model.feature_mean.view(1, -1)) / model.feature_std.view(1, -1)
+        if model.autoencoder is None:
+            latent = pca_latent_dim(flat, config.pca_variance)
+            torch.manual_seed(config.seed)
+            model.build_autoencoder(latent)
     info["latent"] = model.latent
     return list(model.autoencoder.parameters())
 
@@ -457,6 +400,35 @@ def _tsdn_step(model: nn.Module, x01: torch.Tensor, config: TrainConfig, gen: to
     return losses.tsdn_loss(streams, normalise(x01, model.input_mean, model.input_std), mask)
 
 
+def tile_crops(image: torch.Tensor, tile: int, stride: int) -> list[torch.Tensor]:
+    """Tiles covering a 3 x H x W image the way evaluation and the daemon do (origins on the map stride)."""
+    from .evaluate import tile_starts
+
+    return [image[:, y:y + tile, x:x + tile] for y in tile_starts(image.shape[1], tile, stride)
+            for x in tile_starts(image.shape[2], tile, stride)]
+
+
+def _patchcore_setup(model: nn.Module, tensors: list[torch.Tensor], images, config: TrainConfig,
+                     progress: Progress | None, resumed: bool, info: dict) -> list[nn.Parameter]:
+    """Build the memory bank from every tile of every training image (no gradient steps)."""
+    if resumed and model.bank.shape[0]:
+        info["bank"] = int(model.bank.shape[0])
+        return []
+    start = time.perf_counter()
+    crops = [c for t in tensors for c in tile_crops(t, config.tile, model.map_stride)]
+    size = max(1, config.batch_size)
+
+    def batches():
+        for i in range(0, len(crops), size):
+            yield normalise(torch.stack(crops[i:i + size]).float() / 255.0, model.input_mean, model.input_std)
+            if progress is not None:
+                progress(min(i + size, len(crops)), len(crops), {"bank": "features"})
+
+    info.update(model.fit_bank(batches()), tiles=len(crops))
+    info["bank_seconds"] = round(time.perf_counter() - start, 2)
+    return []
+
+
 def _no_training(model: nn.Module, tensors, images, config: TrainConfig, progress: Progress | None,
                  resumed: bool, info: dict) -> list[nn.Parameter]:
     info["zero_shot"] = True
@@ -465,7 +437,8 @@ def _no_training(model: nn.Module, tensors, images, config: TrainConfig, progres
 
 _TRAINERS = {"efficientad": (_efficientad_setup, _efficientad_step), "dfr": (_dfr_setup, _dfr_step),
              "reconstruction": (_all_parameters, _reconstruction_step), "mkd": (_mkd_setup, _mkd_step),
-             "tsdn": (_all_parameters, _tsdn_step), "saliency": (_no_training, None)}
+             "tsdn": (_all_parameters, _tsdn_step), "saliency": (_no_training, None),
+             "patchcore": (_patchcore_setup, None)}
 
 
 # ---------------------------------------------------------------- the loop
@@ -481,18 +454,121 @@ def _report(progress: Progress | None, step: int, total: int, config: TrainConfi
         progress(step, total, info)
 
 
+class _Schedule:
+    """The step count: config.steps, or with a time budget what fits in it at the rate measured so far
+    (re-estimated at every validation; the lr drop and the progress total follow it)."""
+
+    def __init__(self, config: TrainConfig, start_step: int, started: float):
+        self.config, self.start_step, self.started = config, start_step, started
+        self.budget = config.time_budget
+        self.total = config.steps
+        self.loop_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def update(self, step: int) -> None:
+        """Re-estimate ``total`` from the rate of the steps done in this run (needs a budget)."""
+        done = step - self.start_step
+        if self.budget <= 0 or done < 5:
+            return
+        rate = (time.perf_counter() - self.loop_start) / done
+        left = max(0.0, self.budget - self.elapsed())
+        self.total = max(step + 1, min(self.config.steps, step + int(left / rate)))
+
+    def over(self, step: int) -> bool:
+        """Done: the step count is reached, or the budget is spent (after at least one step)."""
+        spent = self.budget > 0 and self.elapsed() >= self.budget and step > self.start_step
+        return step >= self.total or spent
+
+    def info(self) -> dict:
+        return {"budget_s": self.budget, "elapsed_s": self.elapsed()} if self.budget > 0 else {}
+
+
+class _Validator:
+    """Early stopping on held-out good images: the training loss terms on fixed crops (same seed every
+    time, no gradient, eval mode); keeps the best weights; ``stop`` after ``patience`` checks without a
+    relative improvement of ``min_delta``."""
+
+    def __init__(self, model: nn.Module, step_fn, images: Sequence[np.ndarray], config: TrainConfig):
+        self.model, self.step_fn, self.config = model, step_fn, config
+        gen = torch.Generator().manual_seed(config.seed + 3)
+        tensors = prepare_images(images, config.tile)
+        self.batches = [sample_batch(tensors, config.tile, 1, gen) for _ in range(config.val_crops)]
+        self.best, self.best_state, self.best_step, self.bad = math.inf, None, 0, 0
+        self.history: list[tuple[int, float]] = []
+
+    @torch.no_grad()
+    def score(self) -> float:
+        self.model.eval()
+        gen = torch.Generator().manual_seed(self.config.seed + 4)
+        total = sum(float(sum(self.step_fn(self.model, b, self.config, gen, []).values()))
+                    for b in self.batches)
+        self.model.train()
+        return total / len(self.batches)
+
+    def check(self, step: int) -> bool:
+        """Score now; True when training should stop (no improvement for ``patience`` checks)."""
+        value = self.score()
+        self.history.append((step, value))
+        if value < self.best * (1 - self.config.min_delta):
+            self.best, self.best_step, self.bad = value, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.bad >= self.config.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+def _val_every(config: TrainConfig, total: int, start_step: int) -> int:
+    return config.val_every or max(10, (total - start_step) // 20)
+
+
+def _resume(state: dict | None, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> tuple[int, list]:
+    if state is None:
+        return 0, []
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint optimiser state does not match: {exc}") from exc
+    torch.set_rng_state(state["torch_rng"])
+    gen.set_state(state["data_rng"])
+    return int(state["step"]), state["loss"].tolist()
+
+
+def _train_step(model, step_fn, optimizer, batch, config, gen, penalty, history, parts) -> None:
+    terms = step_fn(model, batch, config, gen, penalty)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    history.append(float(loss.detach()))
+    for name, value in terms.items():
+        parts.setdefault(name, []).append(float(value.detach()))
+
+
 def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
-        progress: Progress | None = None) -> dict:
+        progress: Progress | None = None, val_images: Sequence[np.ndarray] | None = None,
+        stop: Callable[[], bool] | None = None) -> dict:
     """Train ``model`` on good images (uint8 H x W x C, C 1 or 3) with random ``config.tile`` crops.
 
-    EfficientAD: distils the teacher first when it is not trained (config.teacher_steps), then trains student
-    and autoencoder. DFR: picks the latent size by PCA (unless the model has one), then trains the
-    autoencoder. Reconstruction: the autoencoder (MSE). MKD: sets the expert's channel statistics, then
+    EfficientAD: distils the teacher first when config.teacher_steps > 0 (from its current weights), then
+    trains student and autoencoder. DFR: picks the latent size by PCA (unless the model has one), then trains
+    the autoencoder. Reconstruction: the autoencoder (MSE). MKD: sets the expert's channel statistics, then
     trains the cloner. TSDN: encoder, FNE and both decoders on superpixel-filled crops. Saliency: zero-shot,
     returns at once (steps 0; the checkpoint is still written).
-    With ``resume`` and an existing ``checkpoint_path`` training continues from the checkpoint.
-    Returns {"loss": [...], "parts": {name: [...]}, "steps", "seconds", "start_step", ...}.
+    Length: config.steps, or with config.time_budget (seconds, counted from the call) the steps that fit.
+    With ``val_images`` (held-out good images) the validation loss is checked every config.val_every steps
+    (0: a 20th of the run); training stops after config.patience checks without improvement and the best
+    weights are kept. ``stop()`` returning True (a signal handler's flag) ends training after the current
+    step: the checkpoint is written and the result says "interrupted". With ``resume`` and an existing
+    ``checkpoint_path`` training continues from the checkpoint.
+    Returns {"loss": [...], "parts": {name: [...]}, "steps", "seconds", "start_step", "stopped", ...}.
     """
+    started = time.perf_counter()
     kind = getattr(model, "kind", None)
     if kind not in _TRAINERS:
         raise ValueError(f"fit: unsupported model kind {kind!r}: valid are {sorted(_TRAINERS)}")
@@ -507,43 +583,51 @@ def fit(model: nn.Module, images: Sequence[np.ndarray], config: TrainConfig,
         restore_model(model, state)
     info: dict = {}
     params = setup(model, tensors, images, config, progress, state is not None, info)
-    if step_fn is None:  # zero-shot (saliency): nothing to train, the checkpoint holds the frozen model
+    if step_fn is None:  # no gradient steps (saliency: zero-shot; patchcore: the bank built in setup)
         model.eval()
         if config.checkpoint_path:
             _save_checkpoint(config.checkpoint_path, model, None, 0, 0, gen, [])
-        return {"loss": [], "parts": {}, "steps": 0, "start_step": 0, "seconds": 0.0, "kind": kind, **info}
+        return {"loss": [], "parts": {}, "steps": 0, "start_step": 0,
+                "seconds": float(info.get("bank_seconds", 0.0)), "kind": kind,
+                "stopped": "zero-shot" if info.get("zero_shot") else "bank", **info}
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    history: list[float] = []
+    start_step, history = _resume(state, optimizer, gen)
     parts: dict[str, list[float]] = {}
-    start_step = 0
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint optimiser state does not match: {exc}") from exc
-        start_step = int(state["step"])
-        history = state["loss"].tolist()
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["data_rng"])
+    validator = _Validator(model, step_fn, val_images, config) if val_images else None
+    schedule = _Schedule(config, start_step, started)
     model.train()
-    start = time.perf_counter()
-    for step in range(start_step, config.steps):
-        _set_lr(optimizer, config, step, config.steps)
+    step, stopped = start_step, "steps"
+    while True:
+        if stop is not None and stop():
+            stopped = "interrupted"
+            break
+        if schedule.over(step):
+            stopped = "budget" if step < config.steps else "steps"
+            break
+        _set_lr(optimizer, config, step, schedule.total)
         batch = sample_batch(tensors, config.tile, config.batch_size, gen)
-        terms = step_fn(model, batch, config, gen, penalty)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
-        for name, value in terms.items():
-            parts.setdefault(name, []).append(float(value.detach()))
-        _report(progress, step + 1, config.steps, config, {"loss": history[-1]})
+        _train_step(model, step_fn, optimizer, batch, config, gen, penalty, history, parts)
+        step += 1
+        if (step - start_step) in (5, 20) or (step - start_step) % 50 == 0:
+            schedule.update(step)
+        due = (step - start_step) % _val_every(config, schedule.total, start_step) == 0
+        if validator is not None and due:
+            if validator.check(step):
+                stopped = "early"
+                break
+        _report(progress, step, schedule.total, config, {"loss": history[-1], **schedule.info()})
         every = config.checkpoint_every
-        if config.checkpoint_path and every and (step + 1) % every == 0:
-            _save_checkpoint(config.checkpoint_path, model, optimizer, step + 1, config.steps, gen, history)
+        if config.checkpoint_path and every and step % every == 0:
+            _save_checkpoint(config.checkpoint_path, model, optimizer, step, schedule.total, gen, history)
+    if validator is not None:
+        if not validator.history or validator.history[-1][0] != step:
+            validator.check(step)
+        validator.restore_best()
+        info["validation"] = {"best_step": validator.best_step, "best_loss": validator.best,
+                              "checks": validator.history}
     model.eval()
     if config.checkpoint_path:
-        _save_checkpoint(config.checkpoint_path, model, optimizer, config.steps, config.steps, gen, history)
-    return {"loss": history, "parts": parts, "steps": config.steps, "start_step": start_step,
-            "seconds": time.perf_counter() - start, "kind": kind, **info}
+        _save_checkpoint(config.checkpoint_path, model, optimizer, step, max(step, schedule.total), gen,
+                         history)
+    return {"loss": history, "parts": parts, "steps": step, "start_step": start_step,
+            "seconds": time.perf_counter() - started, "kind": kind, "stopped": stopped, **info}

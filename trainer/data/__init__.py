@@ -53,11 +53,13 @@ class DataSplits:
 
 
 def split_good(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of n good images into (train, val) indices; val has at least one image."""
+    """Seeded split of n good images into (train, val) indices; val has at least two images (one when n < 4),
+    train at least one."""
     if n < 2:
         raise DataError(f"need at least 2 good images to split off validation images, got {n}")
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, int(round(n * val_fraction))))
+    least = 2 if n >= 4 else 1  # a threshold needs at least two good scores (trainer/calibrate.py)
+    n_val = min(n - 1, max(least, int(round(n * val_fraction))))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
