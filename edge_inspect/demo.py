@@ -1,14 +1,19 @@
 """`edge-inspect demo`: the main job end to end on this machine, offline.
 
-1. model   train DFR on modules of good ELPV cells (edge_inspect.train), or reuse the bundle cached under
-           ``<workdir>/<key>`` (key = hash of the training settings; workdir ~/.cache/edge-inspect/demo)
+1. model   a PatchCore memory bank of good ELPV cells (edge_inspect.train), or the bundle cached under
+           ``<workdir>/models/<key>`` (key = hash of the training settings; workdir runs/demo in the current
+           directory); ``<workdir>/bundle`` links to the model of the last run (configs/demo.yaml uses it)
 2. frames  solar modules (3 x 4 cells of 300 x 300 px, mono8) built from held-out test cells, some with
            defective cells (ELPV probability 1.0); the truth per module is kept
 3. daemon  the real daemon (``python -m edge_daemon run``) on loopback ports, ONNX Runtime on the CPU
 4. camera  a simulated camera process streams the modules over ZeroMQ at ``fps`` (edge_daemon.bench.loadgen)
 5. table   one live row per verdict: frame, truth, verdict, score, latency
-6. summary frames, pass/fail, detection rate, false rejects, latency percentiles; report.html/png with
-           the daemon's fused heat maps of a few modules
+6. summary frames, pass/fail, detection rate, false rejects, latency percentiles; under
+           ``<workdir>/runs/<time>/`` (``<workdir>/latest`` links to it): report.html with every frame
+           (picture, regions, heat map with colour bar, sortable by score), report.png with a few,
+           outcomes.json, daemon.log
+Ctrl-C or SIGTERM while streaming stops the camera, then the summary and the report cover what was answered
+(the result says ``interrupted``).
 """
 
 from __future__ import annotations
@@ -28,11 +33,20 @@ from .train import QUICK, DemoModel, TrainSettings, cached_model, load_cells, tr
 __all__ = ["DemoSettings", "run_demo", "default_workdir", "demo_modules", "daemon_mapping"]
 
 CAMERA = "line1"
+KEEP_GOING_MAX_S = 7 * 24 * 3600.0  # --keep-going: a week at most (every wait must fit the OS's timeouts)
 
 
 def default_workdir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-inspect" / "demo"
+    """runs/demo under the current directory (README: run the demo from the repository root)."""
+    return Path("runs") / "demo"
+
+
+def _link(link: Path, target: Path) -> None:
+    """Point the symlink ``link`` at ``target`` (relative), replacing an older link atomically."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
 
 
 @dataclass(frozen=True)
@@ -89,12 +103,12 @@ def daemon_mapping(model: DemoModel, settings: DemoSettings) -> dict:
 
 
 def get_model(settings: DemoSettings, splits, say) -> DemoModel:
-    out = settings.workdir / settings.train.key()
+    out = settings.workdir / "models" / settings.train.key()
     model = None if settings.retrain else cached_model(out)
     if model is not None:
         say(f"model: cached bundle {model.bundle} (trained earlier with the same settings)")
         return model
-    say(f"model: training DFR on good {settings.train.cell_type} cells ({settings.train.steps} steps) "
+    say(f"model: PatchCore memory bank of good {settings.train.cell_type} cells (5-10 minutes on 2 cores) "
         f"into {out}")
     start = time.perf_counter()
     model = train_demo_model(settings.train, out, splits, settings.threads, say)
@@ -118,11 +132,11 @@ def _outcome(module: Module, frame_id: int, receipt) -> FrameOutcome:
     if receipt is None:
         return FrameOutcome(frame_id, n > 0, n, "unanswered")
     return FrameOutcome(frame_id, n > 0, n, receipt.kind, receipt.verdict, receipt.score, receipt.threshold,
-                        receipt.latency_ms, receipt.reason)
+                        receipt.latency_ms, receipt.reason, tuple(receipt.regions))
 
 
 def stream(model: DemoModel, modules: list[Module], settings: DemoSettings, run_dir: Path, say):
-    """Start the daemon, stream the modules, print the live table; (outcomes, maps)."""
+    """Start the daemon, stream the modules, print the live table; (outcomes, maps, interrupted)."""
     from edge_daemon.bench.loadgen import DaemonProcess, VerdictCollector, bench_config, handshake
 
     frames = np.stack([m.image for m in modules])
@@ -139,9 +153,10 @@ def stream(model: DemoModel, modules: list[Module], settings: DemoSettings, run_
         handshake(cfg["endpoints"]["ingest"], collector, frames[0], timeout_s=120.0, warm_frames=1)
         count = "until Ctrl-C" if settings.keep_going else f"{len(modules)} frames"
         say(f"daemon: ready in {ready_s:.1f} s; streaming {count} of {w}x{h} mono8 at {settings.fps:g} fps\n")
-        outcomes = _stream_frames(collector, modules, frames_path, cfg["endpoints"]["ingest"], settings, say)
+        outcomes, interrupted = _stream_frames(collector, modules, frames_path, cfg["endpoints"]["ingest"],
+                                               settings, say)
         maps = {fid: m for (cam, fid), m in collector.maps.items() if cam == CAMERA}
-        return outcomes, maps
+        return outcomes, maps, interrupted
     finally:
         if collector is not None:
             collector.close()
@@ -158,13 +173,14 @@ def _stream_frames(collector, modules, frames_path, ingest, settings, say):
                       frames_path=str(frames_path), hwm=4)
     stop = threading.Event()
     reports: list = []
-    timeout = n / settings.fps + 60 if not settings.keep_going else 10**9
+    timeout = n / settings.fps + 60 if not settings.keep_going else KEEP_GOING_MAX_S
     cam = threading.Thread(target=lambda: reports.extend(run_cameras([plan], timeout, stop=stop)),
                            daemon=True)
     cam.start()
     say(HEADER)
     printed: set[int] = set()
     outcomes: dict[int, FrameOutcome] = {}
+    interrupted = False
 
     def show_new():
         for r in collector.snapshot():
@@ -179,7 +195,8 @@ def _stream_frames(collector, modules, frames_path, ingest, settings, say):
             show_new()
             time.sleep(0.05)
     except KeyboardInterrupt:
-        say("(Ctrl-C: stopping the camera)")
+        interrupted = True
+        say("(interrupted: stopping the camera, then the summary and the report of what was answered)")
         stop.set()
         cam.join(timeout=30)
     sent = [fid for rep in reports for fid in rep.sent]
@@ -197,7 +214,7 @@ def _stream_frames(collector, modules, frames_path, ingest, settings, say):
     for fid in sent:
         if fid not in outcomes:
             outcomes[fid] = _outcome(modules[fid % len(modules)], fid, None)
-    return [outcomes[f] for f in sorted(outcomes)]
+    return [outcomes[f] for f in sorted(outcomes)], interrupted
 
 
 def _say(text: str) -> None:
@@ -212,19 +229,23 @@ def run_demo(settings: DemoSettings, say=_say) -> dict:
     splits = load_cells(settings.train)
     model = get_model(settings, splits, say)
     modules = demo_modules(splits, settings)
+    _link(settings.workdir / "bundle", model.bundle)
     run_dir = settings.workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    outcomes, maps = stream(model, modules, settings, run_dir, say)
+    _link(settings.workdir / "latest", run_dir)
+    outcomes, maps, interrupted = stream(model, modules, settings, run_dir, say)
     summary = summarize(outcomes)
     say("\n" + format_summary(summary))
     by_id = {o.frame_id: modules[o.frame_id % len(modules)] for o in outcomes}
-    meta = {"model": f"DFR-s on ELPV {settings.train.cell_type}", "bundle": str(model.bundle),
+    meta = {"model": f"PatchCore-s on ELPV {settings.train.cell_type}", "bundle": str(model.bundle),
             "module threshold": round(model.image_threshold, 5), "fps": settings.fps,
             "layout": f"{settings.train.rows}x{settings.train.cols} cells", "run dir": str(run_dir)}
     paths = write_report(run_dir, outcomes, summary, {k: m.image for k, m in by_id.items()}, maps,
                          {k: m.defects for k, m in by_id.items()}, cell_boxes(settings.train.layout), meta,
                          settings.report_frames)
+    paths["log"] = run_dir / "daemon.log"
     seconds = time.perf_counter() - started
     say(f"report: {paths['html']} and {paths['png']}  (demo took {seconds:.0f} s)")
+    say(f"bundle: {settings.workdir / 'bundle'} (configs/demo.yaml uses runs/demo/bundle)")
     return {"summary": summary, "paths": paths, "model": model.info, "seconds": seconds,
-            "outcomes": outcomes}
+            "outcomes": outcomes, "interrupted": interrupted}

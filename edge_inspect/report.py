@@ -1,4 +1,10 @@
-"""Demo outcome: per-frame results, the summary (pure functions) and the report (PNG + HTML page).
+"""Demo outcome: per-frame results, the summary (pure functions) and the report.
+
+report.html shows every frame as a card (the module with the daemon's regions in red and the defective cells
+in green, the fused heat map over it with a colour bar, verdict, score, threshold, latency, judged), sortable
+by score or frame id with buttons or the URL fragment (``#score-desc``, ``#score-asc``, ``#frame``); one
+self-contained file (pictures inline as JPEG). report.png shows a few picked frames (matplotlib, colour bar),
+outcomes.json every frame's numbers.
 
 A frame's outcome is judged against the module's ground truth: FAIL on a defective module is a detection,
 FAIL on a good module a false reject, PASS on a defective module a miss. Error, drop and unanswered
@@ -31,6 +37,7 @@ class FrameOutcome:
     threshold: float | None = None
     latency_ms: float | None = None
     reason: str = ""
+    regions: tuple = ()  # the daemon's defect regions: dicts x, y, w, h (frame pixels), area, peak, mean
 
     @property
     def judged(self) -> str:
@@ -115,13 +122,17 @@ def _panel(ax_img, ax_map, image, amap, outcome, boxes, defects, vmax):
     heat = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     ax_img.imshow(image, cmap="gray", vmin=0, vmax=255)
     ax_map.imshow(image, cmap="gray", vmin=0, vmax=255)
-    ax_map.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
+    shown = ax_map.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
+    bar = ax_map.figure.colorbar(shown, ax=ax_map, fraction=0.035, pad=0.02)
+    bar.solids.set_alpha(1.0)
+    bar.ax.axhline(outcome.threshold, color="black", linewidth=1.5)
+    bar.ax.tick_params(labelsize=6)
     for (x, y, bw, bh), bad in zip(boxes, defects.flat, strict=True):
         if bad:
             for ax in (ax_img, ax_map):
                 ax.add_patch(_rect(x, y, bw, bh))
     title = (f"frame {outcome.frame_id}: {outcome.verdict} score {outcome.score:.3f} "
-             f"(thr {outcome.threshold:.3f}) - {outcome.judged}")
+             f"(thr {outcome.threshold:.3f}, black line) - {outcome.judged}")
     ax_img.set_title(f"truth: {outcome.defect_cells} defective cell(s) (red)", fontsize=8)
     ax_map.set_title(title, fontsize=8)
     for ax in (ax_img, ax_map):
@@ -159,34 +170,98 @@ def write_png(path: Path, picks: list[FrameOutcome], images: dict, maps: dict, d
 
 def write_report(out_dir: Path, outcomes: list[FrameOutcome], summary: dict, images: dict, maps: dict,
                  defects: dict, boxes, meta: dict, count: int = 4) -> dict[str, Path]:
-    """report.png (heat maps of a few modules), report.html (summary, table, the PNG inline),
-    outcomes.json. ``images``/``maps``/``defects`` are keyed by frame id."""
+    """report.html (every frame), report.png (a few), outcomes.json. ``images``/``maps``/``defects`` are
+    keyed by frame id; ``boxes`` are the cells' (x, y, w, h), row-major like each ``defects`` array."""
     out_dir.mkdir(parents=True, exist_ok=True)
     picks = pick_frames(outcomes, set(maps) & set(images), count)
     png = write_png(out_dir / "report.png", picks, images, maps, defects, boxes,
                     f"edge-inspect demo - {meta.get('model', '')}")
     data = {"summary": summary, "meta": meta, "frames": [asdict(o) | {"judged": o.judged} for o in outcomes]}
     (out_dir / "outcomes.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    cards = "\n".join(_card(o, images.get(o.frame_id), maps.get(o.frame_id), defects.get(o.frame_id), boxes)
+                      for o in outcomes)
     page = out_dir / "report.html"
-    page.write_text(_html(summary, outcomes, meta, base64.b64encode(png.read_bytes()).decode()))
+    page.write_text(_html(summary, meta, cards, len(outcomes), base64.b64encode(png.read_bytes()).decode()))
     return {"png": png, "html": page, "json": out_dir / "outcomes.json"}
 
 
-def _html(summary: dict, outcomes: list[FrameOutcome], meta: dict, png_b64: str) -> str:
-    rows = "".join(
-        f"<tr class='{o.judged}'><td>{o.frame_id}</td><td>{o.defect_cells}</td><td>{o.kind}</td>"
-        f"<td>{o.verdict or ''}</td><td>{'' if o.score is None else f'{o.score:.4f}'}</td>"
-        f"<td>{_ms(o.latency_ms)}</td><td>{o.judged}</td></tr>"
-        for o in outcomes)
+THUMB_WIDTH = 400  # pixels of the frame in a card (the colour bar comes beside it)
+
+
+def _data_uri(rgb: np.ndarray) -> str:
+    from .overlay import encode_image
+
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(rgb, ".jpg", 85)).decode()
+
+
+def _card(o: FrameOutcome, image, amap, defects, boxes) -> str:
+    """One frame: the module (regions red, defective cells green), the heat map with its colour bar."""
+    from .overlay import inspection_picture
+
+    truth = [] if defects is None else [b for b, bad in zip(boxes, defects.flat, strict=True) if bad]
+    pictures = []
+    if image is not None:
+        pictures.append(("module, regions (red), defective cells (green)",
+                         inspection_picture(image, None, o.regions, truth_boxes=truth, width=THUMB_WIDTH)))
+        if amap is not None and o.threshold:
+            pictures.append(("fused heat map, colour bar 0 to 2 x threshold",
+                             inspection_picture(image, amap, o.regions, 2.0 * o.threshold, o.threshold,
+                                                width=THUMB_WIDTH)))
+    imgs = "".join(f"<img alt='{html.escape(alt)}' title='{html.escape(alt)}' src='{_data_uri(rgb)}'>"
+                   for alt, rgb in pictures)
+    score = "" if o.score is None else f"{o.score:.4f}"
+    thr = "" if o.threshold is None else f"{o.threshold:.4f}"
+    reason = f"<br>{html.escape(o.reason)}" if o.reason and o.kind != "verdict" else ""
+    caption = (f"<b>frame {o.frame_id}</b> &middot; <b class='v'>{o.verdict or o.kind}</b> &middot; score "
+               f"{score or '-'} (threshold {thr or '-'}) &middot; {o.judged} &middot; truth: "
+               f"{o.defect_cells} defective cell(s) &middot; {len(o.regions)} region(s) &middot; "
+               f"{_ms(o.latency_ms)} ms{reason}")
+    sort_score = -1.0 if o.score is None else o.score
+    return (f"<figure class='card {o.judged}' data-frame='{o.frame_id}' data-score='{sort_score:.6f}'>"
+            f"{imgs}<figcaption>{caption}</figcaption></figure>")
+
+
+SCRIPT = """
+function sortCards(mode) {
+  const box = document.getElementById('cards');
+  const cards = Array.from(box.querySelectorAll('.card'));
+  const key = mode === 'frame' ? (c => +c.dataset.frame) : (c => +c.dataset.score);
+  const sign = mode === 'score-desc' ? -1 : 1;
+  cards.sort((a, b) => sign * (key(a) - key(b)) || (+a.dataset.frame - +b.dataset.frame));
+  cards.forEach(c => box.appendChild(c));
+  document.body.dataset.sort = mode;
+  document.getElementById('shown').textContent = cards.length + ' frames, sorted by ' +
+    {'score-desc': 'score, highest first', 'score-asc': 'score, lowest first', 'frame': 'frame id'}[mode];
+}
+document.querySelectorAll('button[data-sort]').forEach(b => b.onclick = () => {
+  history.replaceState(null, '', '#' + b.dataset.sort); sortCards(b.dataset.sort); });
+const wanted = location.hash.slice(1);
+sortCards(['score-desc', 'score-asc', 'frame'].includes(wanted) ? wanted : 'score-desc');
+"""
+
+STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
+td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
+#cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{margin:0;padding:6px;border:2px solid #ccc;border-radius:6px;max-width:920px}
+.card img{margin-right:6px;vertical-align:top}
+.card figcaption{font-size:13px;margin-top:4px}.miss,.false-reject{border-color:#d33;background:#fee}
+.hit{border-color:#3a3;background:#efe}.ok{border-color:#9c9}.drop,.error,.unanswered{border-color:#c90}
+button{margin-right:6px}"""
+
+
+def _html(summary: dict, meta: dict, cards: str, n_frames: int, png_b64: str) -> str:
     meta_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                         for k, v in meta.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edge-inspect demo</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{padding:2px 8px;
-border-bottom:1px solid #ddd;text-align:left}}.miss,.false-reject{{background:#fdd}}.hit{{background:#dfd}}
-</style></head><body><h1>edge-inspect demo</h1>
+<style>{STYLE}</style></head><body><h1>edge-inspect demo</h1>
 <pre>{html.escape(format_summary(summary))}</pre>
 <table>{meta_rows}</table>
-<h2>Fused heat maps</h2><img alt="heat maps" src="data:image/png;base64,{png_b64}">
-<h2>Frames</h2><table><tr><th>frame</th><th>defective cells</th><th>record</th><th>verdict</th>
-<th>score</th><th>latency ms</th><th>judged</th></tr>{rows}</table></body></html>
+<h2>Frames ({n_frames})</h2>
+<p>Sort: <button data-sort="score-desc">score, highest first</button><button data-sort="score-asc">score,
+lowest first</button><button data-sort="frame">frame id</button> <span id="shown"></span></p>
+<div id="cards">
+{cards}
+</div>
+<h2>A few frames (report.png)</h2><img alt="picked frames" src="data:image/png;base64,{png_b64}">
+<script>{SCRIPT}</script></body></html>
 """

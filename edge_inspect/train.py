@@ -1,20 +1,18 @@
-"""The demo's model: DFR on the EfficientNet-Lite0 backbone, trained on modules of good ELPV cells, exported
-as a bundle and cached by its training settings.
+"""The demo's model: PatchCore on the EfficientNet-Lite0 backbone (trainer/models/patchcore.py), a memory bank
+of good ELPV cells, exported as a bundle and cached by its settings.
 
-Recipe (chosen by measurement on the 2-core CPU, see docs/demo.md):
-  - DFR with backbone taps at strides 2, 4, 8, 16 resized to a stride-4 grid (``grid_stride=4``) and
-    smoothed by a 3 x 3 mean (``kernel=3, stride=1, reflect_pad=1``): the regional features of the paper at
-    a quarter of the cost of its full-resolution grid (``grid_stride=1``);
-  - training crops of ``crop`` pixels from modules of good training cells (so the model sees the dark
-    joints between cells), Adam at ``lr`` for ``steps`` steps;
-  - map normalisation and the pixel threshold from the good validation cells (trainer.calibrate);
-  - ``joint_margin`` pixels on each side of every cell edge are ignore zones (modules.joint_zones): on the
-    held-out mono cells this raised the cell AUROC of a 300-step model from 0.67 (whole cell) to 0.89
-    (docs/demo.md): good cells differ most at their chamfered corners and dark edges;
-  - the image threshold for whole modules measured the way the daemon scores them: the exported engine
-    runs ``edge_daemon.pipeline.inspect_frame`` (same tiling, overlap and ignore zones) over modules of good
-    validation cells, and the threshold is the (1 - frr) quantile of their scores times
-    ``threshold_margin``.
+Recipe (docs/demo.md, docs/quality.md):
+  - one tile = one cell: the bundle's tile is the cell size (300 px) and the daemon tiles the 3 x 4 cell
+    modules with no overlap, so every tile the daemon scores is one whole cell, like the ones in the bank
+    (no ignore zones: the cell edges and joints are in the bank);
+  - the bank: every patch of the good training cells, greedy coreset of ``bank_fraction``, patch position
+    in the feature (``position_weight``: the cells are aligned, a dark corner is normal only in a corner);
+  - the threshold: a module is rejected when any of its cells scores above the threshold, so for a target
+    share ``module_frr`` of good modules rejected each cell may exceed it with probability
+    1 - (1 - module_frr) ** (1 / cells). It is set at that rate on out-of-sample good cells (the validation
+    cells and the training cells cross-fitted in ``crossfit`` folds: trainer/crossfit.py), scored exactly as
+    the daemon scores them (trainer.scoring), with the tail estimate of trainer/calibrate.py when there are
+    too few cells to resolve it.
 """
 
 from __future__ import annotations
@@ -25,14 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from .modules import ModuleLayout
 
-from .modules import ModuleLayout, good_modules, joint_zones
+__all__ = ["TrainSettings", "QUICK", "DemoModel", "load_cells", "train_demo_model", "cached_model"]
 
-__all__ = ["TrainSettings", "QUICK", "DemoModel", "load_cells", "train_demo_model", "cached_model",
-           "module_threshold"]
-
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 DEMO_FILE = "demo.json"
 
 
@@ -43,42 +38,49 @@ class TrainSettings:
     cell_type: str = "mono"
     seed: int = 0
     limit: int | None = None  # ELPV cells of that type loaded (None: all)
-    steps: int = 300
-    batch_size: int = 4
-    crop: int = 128
-    tile: int = 256  # bundle tile (the daemon tiles frames with it)
-    lr: float = 1e-3
-    taps: tuple[int, ...] = (2, 4, 8, 16)
+    tile: int = 300  # the cell size: one tile per cell
+    bank_fraction: float = 0.1
+    min_bank: int = 1024
+    position_weight: float = 1.0
     rows: int = 3
     cols: int = 4
-    frr: float = 0.01
+    module_frr: float = 0.05  # target share of good modules rejected
     pixel_frr: float = 1e-4
-    calib_modules: int = 24
-    threshold_margin: float = 1.0
-    tile_overlap: int = 16
-    joint_margin: int = 32  # pixels ignored on each side of every cell edge
+    crossfit: int = 5
 
     def __post_init__(self):
         checks = [(self.cell_type in ("mono", "poly"), "cell_type must be mono or poly"),
-                  (self.steps >= 1, "steps must be >= 1"),
-                  (self.batch_size >= 1, "batch_size must be >= 1"),
-                  (32 <= self.crop <= 300, "crop must be in 32..300"),
                   (self.tile >= 32 and self.tile % 4 == 0, "tile must be a multiple of 4, >= 32"),
-                  (self.calib_modules >= 1, "calib_modules must be >= 1"),
-                  (0 < self.frr < 1, "frr must be in (0, 1)"),
-                  (self.threshold_margin > 0, "threshold_margin must be > 0"),
-                  (0 <= 2 * self.joint_margin < 300, "joint_margin must be in 0..149")]
+                  (0 < self.bank_fraction <= 1, "bank_fraction must be in (0, 1]"),
+                  (self.min_bank >= 1, "min_bank must be >= 1"),
+                  (self.position_weight >= 0, "position_weight must be >= 0"),
+                  (0 < self.module_frr < 1, "module_frr must be in (0, 1)"),
+                  (0 < self.pixel_frr < 1, "pixel_frr must be in (0, 1)"),
+                  (self.crossfit == 0 or self.crossfit >= 2, "crossfit must be 0 or >= 2")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TrainSettings: {msg}")
 
     @property
     def layout(self) -> ModuleLayout:
-        return ModuleLayout(self.rows, self.cols)
+        return ModuleLayout(self.rows, self.cols, cell=self.tile)
+
+    @property
+    def tile_overlap(self) -> int:
+        return 0  # tiles align with the cells
 
     @property
     def ignore_zones(self) -> list[tuple[int, int, int, int]]:
-        return joint_zones(self.layout, self.joint_margin)
+        return []
+
+    @property
+    def cell_frr(self) -> float:
+        """Per-cell false-reject rate that gives ``module_frr`` for a module of independent cells."""
+        return 1.0 - (1.0 - self.module_frr) ** (1.0 / self.layout.cells)
+
+    def model_options(self) -> dict:
+        return {"bank_fraction": self.bank_fraction, "min_bank": self.min_bank,
+                "position_weight": self.position_weight, "seed": self.seed}
 
     def inspect_mapping(self) -> dict:
         """The daemon's inspection settings for the demo camera (without the threshold)."""
@@ -90,8 +92,7 @@ class TrainSettings:
 
 
 # tiny settings for the end-to-end test: seconds, not a useful detector
-QUICK = TrainSettings(limit=60, steps=3, batch_size=2, crop=64, tile=64, taps=(2, 4), rows=1, cols=2,
-                      calib_modules=2)
+QUICK = TrainSettings(limit=60, bank_fraction=0.01, min_bank=256, rows=1, cols=2, crossfit=2)
 
 
 @dataclass(frozen=True)
@@ -108,65 +109,56 @@ def load_cells(settings: TrainSettings):
     return load_elpv(settings.cell_type, seed=settings.seed, limit=settings.limit)
 
 
-def module_threshold(bundle: Path, modules: list[np.ndarray], settings: TrainSettings,
-                     threads: int) -> tuple[float, list[float]]:
-    """Score good modules exactly as the daemon does; threshold = quantile(1 - frr) * margin."""
-    from edge_daemon.pipeline import InspectConfig, inspect_frame
-    from engines.registry import open_engine
+def _fitted(settings: TrainSettings, images, cache: dict | None = None):
+    from trainer.fit import TrainConfig, fit
+    from trainer.models import create_model
 
-    engine = open_engine(bundle, backend="onnxruntime", max_batch=8, threads=threads)
-    try:
-        config = InspectConfig.from_mapping(settings.inspect_mapping(), "demo")
-        scores = [float(inspect_frame(engine, m, config).score) for m in modules]
-    finally:
-        engine.close()
-    return float(np.quantile(scores, 1.0 - settings.frr)) * settings.threshold_margin, scores
+    model = create_model("patchcore", "s", **settings.model_options())
+    model.feature_cache = cache  # shared by the cross-fitted refits: the backbone runs once per cell
+    history = fit(model, images, TrainConfig(tile=settings.tile, batch_size=8, seed=settings.seed))
+    return model.eval(), history
 
 
 def train_demo_model(settings: TrainSettings, out_dir: Path, splits=None, threads: int = 2,
                      say=print) -> DemoModel:
-    """Train, calibrate and export into ``out_dir/bundle``; write ``out_dir/demo.json``."""
+    """Fit, calibrate and export into ``out_dir/bundle``; write ``out_dir/demo.json``."""
     import torch
 
+    from inspection.pipeline import InspectConfig
     from trainer.cli import calibrate_model
     from trainer.export import export_model
-    from trainer.fit import TrainConfig, fit
-    from trainer.models import create_model
 
     torch.set_num_threads(threads)
     splits = splits if splits is not None else load_cells(settings)
-    layout = settings.layout
     started = time.perf_counter()
-    train_mods = good_modules(splits.train, layout, max(1, len(splits.train) // layout.cells), settings.seed)
-    model = create_model("dfr", "s", taps=settings.taps, grid_stride=4, stride=1, kernel=3, reflect_pad=1)
-    config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                         seed=settings.seed, tile=settings.crop, progress_every=max(1, settings.steps // 10))
+    say(f"  memory bank from {len(splits.train)} good training cells")
+    cache: dict = {}
+    model, history = _fitted(settings, splits.train, cache)
+    say(f"  bank of {history['bank']} patches ({history['bank_seconds']:.0f} s); calibrating on "
+        f"{len(splits.val)} validation cells + {settings.crossfit}-fold cross-fitted training cells")
+    scoring = InspectConfig(tile_overlap=settings.tile_overlap)
 
-    def progress(step, total, info):
-        say(f"  train step {step}/{total}  loss {info.get('loss', float('nan')):.4g}  "
-            f"{time.perf_counter() - started:.0f} s")
+    def refit(images):
+        return _fitted(settings, images, cache)[0]
 
-    history = fit(model, train_mods, config, progress=progress)
-    say(f"  calibrating on {len(splits.val)} good validation cells")
-    spec, thresholds, _ = calibrate_model(model, splits.val, settings.tile, settings.frr, settings.pixel_frr,
-                                          batch_size=8)
+    spec, calibration = calibrate_model(model, splits, settings.tile, settings.cell_frr, settings.pixel_frr,
+                                        batch_size=8, refit=refit,
+                                        folds=settings.crossfit, scoring=scoring)
+    model.feature_cache = None
+    cache.clear()
+    thresholds = calibration.thresholds
     bundle = out_dir / "bundle"
-    training = {"steps": settings.steps, "seconds": round(float(history["seconds"]), 1),
-                "latent": history.get("latent"), "n_train_cells": len(splits.train),
-                "n_train_modules": len(train_mods), "n_val_cells": len(splits.val)}
+    training = {"kind": "patchcore", "bank": history["bank"], "bank_seconds": history["bank_seconds"],
+                "n_train_cells": len(splits.train), "n_val_cells": len(splits.val)}
     say("  exporting the bundle (ONNX + torch.export)")
     export_model(model, bundle, tile=settings.tile, channels=1, map_spec=spec, thresholds=thresholds,
                  training_summary=training, metrics={"thresholds": asdict(thresholds)},
-                 config={"demo": asdict(settings)})
-    cal = good_modules(splits.val, layout, settings.calib_modules, settings.seed + 1)
-    say(f"  measuring the module threshold on {len(cal)} modules of good validation cells")
-    threshold, scores = module_threshold(bundle, cal, settings, threads)
+                 config={"demo": asdict(settings)}, calibration=calibration.to_dict())
     info = {"settings": asdict(settings), "key": settings.key(), "training": training,
-            "cell_threshold": thresholds.image, "image_threshold": threshold,
-            "calibration_scores": [round(s, 5) for s in scores],
-            "seconds": round(time.perf_counter() - started, 1)}
+            "cell_frr": settings.cell_frr, "image_threshold": thresholds.image,
+            "calibration": calibration.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
     (out_dir / DEMO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return DemoModel(bundle, threshold, info)
+    return DemoModel(bundle, thresholds.image, info)
 
 
 def cached_model(out_dir: Path) -> DemoModel | None:
