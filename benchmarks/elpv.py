@@ -1,7 +1,7 @@
 """ELPV benchmark: train and evaluate anomaly models on ELPV mono and poly cells; JSON + markdown table.
 
-    python benchmarks/elpv.py --out runs/elpv                          # full: 70k steps per model
-    python benchmarks/elpv.py --steps 20 --teacher-steps 20 --limit 200 --out /tmp/elpv-smoke   # smoke test
+    python benchmarks/elpv.py --out runs/elpv                     # CPU default: 10 min training per model
+    python benchmarks/elpv.py --steps 20 --limit 200 --out /tmp/elpv-smoke   # smoke test
 
 Each (model, cell type) runs the `edge-train train` pipeline (trainer.cli.train_bundle): the documented split
 of trainer/data/elpv.py, calibration on validation good cells, evaluation on whole 300 x 300 test cells
@@ -25,21 +25,27 @@ COLUMNS = ("image_auroc", "image_f1_max", "false_reject_rate", "miss_rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks/elpv.py", description=__doc__.split("\n\n")[0])
+    from engines.cli_common import Parser
+
+    p = Parser(prog="benchmarks/elpv.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["dfr-s", "efficientad-s"],
                    help="models to run (default dfr-s efficientad-s; add efficientad-m if time allows)")
     p.add_argument("--types", nargs="+", choices=("mono", "poly"), default=["mono", "poly"],
                    help="cell types")
-    p.add_argument("--steps", type=int, default=70_000, help="training steps per model (default 70000)")
-    p.add_argument("--teacher-steps", type=int, default=10_000,
-                   help="EfficientAD teacher distillation steps when no --teacher is given (10000)")
-    p.add_argument("--teacher", metavar="CKPT", help="pretrained EfficientAD-S teacher (pretrain-teacher)")
+    p.add_argument("--steps", default="auto", help="training steps per model, or auto (default): as many "
+                                                   "as fit --time-budget, with early stopping")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="minutes per model with --steps auto "
+                                                                    "(edge-train's default: 10 on CPU)")
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="EfficientAD: per-product teacher distillation steps first (default 0)")
+    p.add_argument("--teacher", default="shipped", metavar="shipped|none|FILE",
+                   help="EfficientAD teacher (default: the shipped one of the model's size)")
     p.add_argument("--tile", type=int, default=256, help="training crop size (default 256)")
     p.add_argument("--resize", type=int, metavar="N",
                    help="resize cells to N x N (256: one tile per cell)")
-    p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--limit", type=int, help="cells per type (quick runs)")
-    p.add_argument("--batch-size", type=int, default=1, help="training batch size (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="training batch size")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for bundles and results")
     return p
 
@@ -49,13 +55,13 @@ def _train_args(args, kind: str, size: str, cell_type: str, out: Path) -> argpar
 
     argv = ["train", "--elpv", cell_type, "--kind", kind, "--size", size, "--tile", str(args.tile),
             "--steps", str(args.steps), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-            "--teacher-steps", str(args.teacher_steps), "--out", str(out)]
+            "--teacher-steps", str(args.teacher_steps), "--teacher", args.teacher, "--out", str(out)]
     if args.limit:
         argv += ["--limit", str(args.limit)]
     if args.resize:
         argv += ["--resize", str(args.resize)]
-    if args.teacher and kind == "efficientad" and size == "s":
-        argv += ["--teacher", args.teacher]
+    if args.time_budget is not None:
+        argv += ["--time-budget", str(args.time_budget)]
     return trainer_parser().parse_args(argv)
 
 
@@ -95,11 +101,33 @@ def run(args) -> list[dict]:
     return rows
 
 
+def apply_quick(args) -> None:
+    """EDGE_INSPECT_QUICK=1 (README, CI): a few steps on a few mono cells; the figures then mean nothing."""
+    from engines.cli_common import quick_mode, quick_note
+
+    if not quick_mode():
+        return
+    args.steps = "20" if args.steps == "auto" else str(min(int(args.steps), 20))
+    args.teacher_steps = min(args.teacher_steps, 20)
+    args.limit, args.types, args.models = min(args.limit or 40, 40), args.types[:1], args.models[:1]
+    args.tile, args.resize = min(args.tile, 64), min(args.resize or 128, 128)
+    quick_note("benchmarks/elpv.py",
+               f"quick run, figures mean nothing: --steps {args.steps} --teacher-steps {args.teacher_steps} "
+               f"--limit {args.limit} --resize {args.resize} --tile {args.tile} --types {args.types[0]} "
+               f"--models {args.models[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from engines.cli_common import run_cli
+
     args = build_parser().parse_args(argv)
-    rows = run(args)
-    print(_markdown(rows))
-    return 0
+    apply_quick(args)
+
+    def job() -> int:
+        print(_markdown(run(args)))
+        return 0
+
+    return run_cli("benchmarks/elpv.py", job)
 
 
 if __name__ == "__main__":
