@@ -41,3 +41,28 @@ def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
     make_tiny_bundle(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(tiny_bundle, tmp_path_factory):
+    """The tiny bundle plus model.int8.onnx, calibrated on synthetic textures (engines.quantize)."""
+    import shutil
+
+    import numpy as np
+
+    from engines.quantize import quantize_bundle
+    from trainer.data.synthetic import textured_image
+
+    out = tmp_path_factory.mktemp("bundle_int8") / "b"
+    shutil.copytree(tiny_bundle, out)
+    rng = np.random.default_rng(0)
+    quantize_bundle(out, [textured_image(64, rng, channels=1) for _ in range(4)], count=16,
+                    source="synthetic textures")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_quick_switch(monkeypatch):
+    """Tests set their own sizes: the README's quick switch, if exported in this shell, must not change them
+    (tests/test_readme.py sets it for the README's commands itself)."""
+    monkeypatch.delenv("EDGE_INSPECT_QUICK", raising=False)

@@ -164,7 +164,12 @@ def collect(sub, n: int, timeout_s: float, until=None) -> list:
 
 
 def handshake(pub, sub, frame, timeout_s: float = 20.0) -> tuple[list, list]:
-    """Send probe frames until one comes back (subscription live, no sleeps); (records, probe ids)."""
+    """Send probe frames until one comes back (subscription live, no sleeps); (records, probe ids).
+
+    The subscriber's connection is up before the first probe, so that the daemon has its subscription
+    before it publishes a probe's record (a record published earlier is never delivered to it)."""
+    if not sub.wait_connected(timeout_s):
+        raise TimeoutError("subscriber never connected to the daemon's output")
     got, probes, deadline = [], [], time.monotonic() + timeout_s
     while not got and time.monotonic() < deadline:
         probes.append(pub.send(frame))

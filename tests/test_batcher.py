@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_daemon.batcher import TileBatcher
 from edge_daemon.bench.pipeline import StandInEngine
-from edge_daemon.pipeline import FrameResult, InspectConfig, inspect_frame
-from edge_daemon.tiling import tile_grid
+from inspection.batcher import TileBatcher
+from inspection.pipeline import FrameResult, InspectConfig, inspect_frame
+from inspection.tiling import tile_grid
 
 CONFIG = InspectConfig(tile_overlap=8)
 NINE = (64, 64)  # a 64 x 64 frame is 3 x 3 tiles of 32 with >= 8 px overlap

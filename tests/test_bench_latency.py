@@ -11,6 +11,7 @@ import yaml
 
 from edge_daemon.bench import cli as bench_cli
 from edge_daemon.bench.latency import (
+    _add_ratios,
     find_knee,
     parse_resolution,
     run,
@@ -119,13 +120,21 @@ def test_bench_config_is_valid_and_local(tmp_path, tiny_bundle):
     assert relative["engine"]["bundle"] == str((tmp_path / "rel/bundle").resolve())
 
 
-def test_latency_parser_registered():
+def test_latency_parser_registered(tmp_path, capsys):
     args = bench_cli.build_parser().parse_args(["latency", "--config", "x.yaml", "--resolution", "64x32"])
     assert args.resolution == (64, 32) and args.func is run
+    assert args.mode is None and args.transport is None  # the config's mode, tcp
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"engine": {"bundle": str(tmp_path)}}))
+    code = bench_cli.main(["latency", "--config", str(config), "--attach", "--mode", "single"])
+    assert code == 2 and "with --attach the running daemon's config decides" in capsys.readouterr().err
 
 
-def test_latency_smoke_against_the_daemon(tmp_path, tiny_bundle, capsys):
-    """Two camera processes, 1 s of load on the real daemon: every sent frame gets exactly one record."""
+# multi over tcp and single over ipc: test_daemon_integration (and every other daemon test for multi/tcp)
+@pytest.mark.parametrize("mode, transport", [("multi", "ipc"), ("single", "tcp")])
+def test_latency_smoke_against_the_daemon(tmp_path, tiny_bundle, capsys, mode, transport):
+    """Two camera processes, 1 s of load on the real daemon: every sent frame gets exactly one record; the
+    run names its machine and load, and reports the added latency (never asserted: timings)."""
     pytest.importorskip("onnxruntime")
     config = tmp_path / "daemon.yaml"
     config.write_text(yaml.safe_dump({
@@ -138,7 +147,7 @@ def test_latency_smoke_against_the_daemon(tmp_path, tiny_bundle, capsys):
     code = bench_cli.main(["latency", "--config", str(config), "--cameras", "2", "--fps", "10",
                            "--resolution", "96x64", "--duration", "1", "--ceiling-seconds", "0.3",
                            "--grace", "20", "--workdir", str(tmp_path / "work"), "--json", str(out_json),
-                           "--png", str(out_png)])
+                           "--png", str(out_png), "--mode", mode, "--transport", transport])
     printed = capsys.readouterr().out
     assert code == 0, printed
     result = json.loads(out_json.read_text())
@@ -154,3 +163,42 @@ def test_latency_smoke_against_the_daemon(tmp_path, tiny_bundle, capsys):
     assert result["daemon_exit_code"] == 0
     assert out_png.stat().st_size > 1000
     assert "offered/s" in printed
+    assert result["process_mode"] == mode and result["transport"] == transport
+    daemon_cfg = yaml.safe_load((tmp_path / "work" / "daemon.yaml").read_text())
+    assert daemon_cfg["process_mode"] == mode and daemon_cfg["endpoints"]["ingest"].startswith(f"{transport}://")
+    for key in ("machine_before", "machine_after"):
+        assert set(result[key]) == {"cpu", "isa", "cpus", "load_average"} and result[key]["cpu"]
+    assert printed.count("load average (1/5/15 min)") == 2 and "machine: " in printed
+    assert {"added_p50_ms", "added_p99_ms"} <= set(step)
+    assert "added latency (end-to-end minus the engine's own one-frame time): p50" in printed
+
+
+def test_machine_info_reads_cpuinfo():
+    from edge_daemon.bench.machine import cpu_model, isa_features, machine_line
+
+    text = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse4_2 avx2 avx512f amx_tile x\n"
+    assert cpu_model(text) == "Test CPU 9000"
+    assert isa_features(text) == ["sse4_2", "avx2", "avx512f", "amx_tile"]
+    assert isa_features("") == [] and cpu_model("") != ""
+    line = machine_line({"cpu": "C", "isa": ["avx2"], "cpus": 2, "load_average": (0.5, 1.0, 2.0)})
+    assert line == "machine: C, 2 logical CPUs, ISA avx2; load average (1/5/15 min) 0.50 / 1.00 / 2.00"
+
+
+def test_added_latency_is_end_to_end_minus_the_less_disturbed_own_time():
+    step = {"throughput_fps": 2.0, "offered_fps": 2.0, "drops": 0, "latency_ms": {"p50": 12.0, "p99": 20.0}}
+    before = {"ceiling_fps": 5.0, "own_ms": {"p50": 11.0, "p99": 19.0}}
+    after = {"ceiling_fps": 4.0, "own_ms": {"p50": 10.5, "p99": 18.5}}
+    result = {"steps": [step], "workers": 1, "ceiling": before, "ceiling_before": before,
+              "ceiling_after": after}
+    _add_ratios(result)
+    assert result["own_ms"] == {"p50": 10.5, "p99": 18.5}
+    assert step["added_p50_ms"] == pytest.approx(1.5) and step["added_p99_ms"] == pytest.approx(1.5)
+    assert step["ratio_to_ceiling"] == pytest.approx(0.4) and not step["saturated"]
+
+
+def test_pipeline_bench_names_its_machine(capsys):
+    code = bench_cli.main(["pipeline", "--sizes", "96x64", "--tile", "32", "--overlap", "0", "--repeat", "2",
+                           "--cpu-only"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("machine: ") and "load average" in out
+    assert "96x64" in out  # one row of timings (never asserted: the machine is shared)

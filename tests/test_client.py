@@ -140,3 +140,52 @@ def test_curve_allow_list(tmp_path, ctx):
     finally:
         sock.close()
         server.stop()
+
+
+def test_publisher_refuses_an_invalid_camera_id():
+    for bad in ("cam1/map", "a b", "unknown", "x" * 65):
+        with pytest.raises(ValueError, match="camera_id"):
+            FramePublisher("tcp://127.0.0.1:1", bad)
+
+
+def _record(cam: str, seq: int, epoch: int, fid: int = 0) -> bytes:
+    return msgpack.packb({**make_record("verdict", cam, fid, verdict="PASS"), "seq": seq, "seq_epoch": epoch})
+
+
+def test_subscriber_skips_malformed_output_and_counts_gaps_and_resets(ctx):
+    """Nothing the output carries makes recv raise: malformed records and maps are skipped and counted.
+    A seq jump counts as missed; a new seq_epoch as a reset (plus the new numbering's first seq records)."""
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with VerdictSubscriber(f"tcp://127.0.0.1:{port}", ["cam1"], maps=True, context=ctx) as sub:
+            got = _publish_until(pub, sub, b"cam1", msgpack.unpackb(_record("cam1", 0, 7)))
+            assert got is not None and got.seq == 0
+            while sub.recv(0.05) is not None:
+                pass
+            bad = [
+                [b"cam1/map", msgpack.packb({"v": 1})],  # a record-like body on a map topic
+                [
+                    b"cam1/map",
+                    msgpack.packb({"frame_id": 1, "shape": [2, 2], "dtype": "float32", "data": b"x"}),
+                ],
+                [b"cam1", b"\xc1"],  # not msgpack
+                [b"cam1", msgpack.packb([1, 2])],
+                [b"cam1", msgpack.packb({"kind": "verdict"})],  # fields missing
+                [b"cam1", _record("cam2", 0, 7)],  # camera_id is not the topic
+                [b"cam1", _record("cam1", 1, 7), b"third part"],
+            ]
+            for parts in bad:
+                pub.send_multipart(parts)
+            for seq, epoch in ((1, 7), (2, 7), (5, 7), (3, 9), (4, 9)):  # a gap of 2; a reset, 3 missed
+                pub.send_multipart([b"cam1", _record("cam1", seq, epoch)])
+            good = {"v": 1, "camera_id": "cam1", "frame_id": 4, "seq": 4, "shape": [1, 2], "dtype": "float32"}
+            pub.send_multipart([b"cam1/map", msgpack.packb({**good, "data": b"\0\0\x80?\0\0\0@"})])
+            items = [sub.recv(1.0) for _ in range(6)]
+            assert [i.seq for i in items[:5]] == [1, 2, 5, 3, 4]
+            assert items[5].map.tolist() == [[1.0, 2.0]] and items[5].seq == 4
+            assert sub.malformed == len(bad)
+            assert (sub.missed, sub.resets) == (2 + 3, 1) and sub.resets_by_camera == {"cam1": 1}
+    finally:
+        pub.close()

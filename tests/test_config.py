@@ -39,7 +39,7 @@ def test_round_trip_through_mapping():
         ({"engine": {}}, "engine.bundle: is required"),
         (_base(engine={"bundle": "/b", "backend": "cuda"}), "engine.backend: must be one of"),
         (_base(engine={"bundle": "/b", "max_batch": "8"}), "engine.max_batch: must be an integer"),
-        (_base(engine={"bundle": "/b", "precision": "int8"}), "engine.precision"),
+        (_base(engine={"bundle": "/b", "precision": "int4"}), "engine.precision"),
         (_base(queue={"slots": 4, "size": 8}), "queue.slots: must be > queue.size"),
         (_base(queue={"drop_policy": "random"}), "queue.drop_policy: must be one of"),
         (_base(endpoints={"ingest": "localhost:5555"}), "endpoints.ingest: must be a ZeroMQ endpoint"),
@@ -68,9 +68,17 @@ def test_yaml_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    rel = tmp_path / "rel.yaml"
-    rel.write_text(yaml.safe_dump({"engine": {"bundle": "bundles/x"}}))
-    assert load_config(rel).engine.bundle == str((tmp_path / "bundles/x").resolve())
+
+
+def test_relative_paths_mean_the_current_directory(tmp_path, monkeypatch):
+    """engine.bundle in the file and --bundle: both relative to where the command runs, not to the file."""
+    (tmp_path / "configs").mkdir()
+    rel = tmp_path / "configs" / "rel.yaml"
+    rel.write_text(yaml.safe_dump({"engine": {"bundle": "runs/x"}}))
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/rel.yaml").engine.bundle == str(tmp_path / "runs/x")
+    assert load_config("configs/rel.yaml", bundle="runs/y").engine.bundle == str(tmp_path / "runs/y")
+    assert load_config(rel, bundle="/abs/b").engine.bundle == "/abs/b"
 
 
 def test_camera_overrides_reach_inspection_config():
@@ -94,6 +102,22 @@ def test_camera_overrides_reach_inspection_config():
     assert configs[None].image_threshold is None and configs[None].tile_overlap == 8
 
 
+def test_bundle_scoring_is_the_default_the_config_overrides():
+    """A threshold holds only with the scoring it was calibrated with: the bundle's record is the default."""
+    from types import SimpleNamespace
+
+    from edge_daemon.worker import inspect_configs
+
+    meta = SimpleNamespace(calibration={"scoring": {"tile_overlap": 12, "score": "topk", "topk": 40,
+                                                    "smoothing_sigma": 2.0, "unrelated": 1}})
+    cfg = config_from_mapping(_base(inspection={"smoothing_sigma": 0.5}, cameras=[{"id": "a"}]))
+    configs = inspect_configs(cfg, meta)
+    for config in configs.values():
+        assert (config.tile_overlap, config.score, config.topk) == (12, "topk", 40)
+        assert config.smoothing_sigma == 0.5  # set in the config: the config wins
+    assert inspect_configs(cfg)[None].score == "max"  # no bundle: the pipeline's defaults
+
+
 def test_check_config_cli(tmp_path, tiny_bundle, capsys):
     from edge_daemon.cli import main
 
@@ -101,3 +125,11 @@ def test_check_config_cli(tmp_path, tiny_bundle, capsys):
     assert "ok:" in capsys.readouterr().out
     assert main(["check-config", str(CONFIGS / "demo.yaml"), "--bundle", str(tmp_path)]) == 2
     assert "bundle.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend, precision", [
+    ("openvino", "bf16"), ("openvino", "int8"), ("onnxruntime", "int8"), ("auto", "auto"), ("openvino", None),
+])
+def test_cpu_backends_and_precisions_accepted(backend, precision):
+    cfg = config_from_mapping(_base(engine={"bundle": "/b", "backend": backend, "precision": precision}))
+    assert (cfg.engine.backend, cfg.engine.precision) == (backend, precision)

@@ -1,5 +1,7 @@
 """The real daemon as a subprocess (tiny bundle, ONNX Runtime): frames from the client library and from the
-real imagezmq ImageSender, bad messages, metrics over HTTP, SIGTERM drain with exit 0 and full accounting."""
+real imagezmq ImageSender, bad messages, metrics over HTTP, SIGTERM drain with exit 0 and full accounting;
+in both process modes (multi: ingest, worker, publisher processes, over tcp; single: one process, frames and
+records over ipc unix sockets)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import imagezmq
 import msgpack
 import numpy as np
 import pytest
+import yaml
 import zmq
 from daemon_helpers import DaemonProcess, daemon_config, metric_sum, parse_metrics, scrape, wait_until
 
@@ -33,6 +36,7 @@ def _handshake(pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, t
     """Send probe frames until the subscription is live (a verdict comes back); no sleeps.
 
     Returns (records received so far, frame ids of every probe sent): late probe records may follow."""
+    assert sub.wait_connected(timeout_s), "subscriber never connected to the daemon's output"
     got, probes, deadline = [], [], time.monotonic() + timeout_s
     while not got and time.monotonic() < deadline:
         probes.append(pub.send(frame))
@@ -41,15 +45,29 @@ def _handshake(pub: FramePublisher, sub: VerdictSubscriber, frame: np.ndarray, t
     return got, probes
 
 
-@pytest.fixture
-def daemon(tmp_path, tiny_bundle):
-    path, data = daemon_config(tmp_path, tiny_bundle)
+def _daemon(tmp_path, bundle, mode: str):
+    path, data = daemon_config(tmp_path, bundle, process_mode=mode)
+    if mode == "single":  # and frames in, records out over unix sockets (a camera on the same PC)
+        rt = data["runtime_dir"]
+        data["endpoints"].update(ingest=f"ipc://{rt}/frames.sock", output=f"ipc://{rt}/records.sock")
+        path.write_text(yaml.safe_dump(data))
     proc = DaemonProcess(path, tmp_path / "daemon.log", instance=data["instance"])
     try:
         proc.wait_ready(data["endpoints"]["metrics_port"], timeout_s=45)
         yield proc, data
     finally:
         proc.stop()
+
+
+@pytest.fixture(params=["multi", "single"])
+def daemon(request, tmp_path, tiny_bundle):
+    """The daemon in both process modes (docs/architecture.md)."""
+    yield from _daemon(tmp_path, tiny_bundle, request.param)
+
+
+@pytest.fixture
+def multi_daemon(tmp_path, tiny_bundle):
+    yield from _daemon(tmp_path, tiny_bundle, "multi")
 
 
 def test_daemon_end_to_end(daemon):
@@ -152,19 +170,20 @@ def test_metrics_account_for_every_frame(daemon):
 
     m = wait_until(settled, 10.0, 0.2, "metrics accounting (received = answered + failed + dropped)")
     assert metric_sum(m, "edge_frames_failed_total") == 1
-    assert m['edge_protocol_errors_total{camera="unknown"}'] == 1
+    assert m['edge_protocol_errors_total{reason="parts"}'] == 1  # [b"junk"]: one part
+    assert m['edge_frames_failed_total{camera="unknown"}'] == 1
     assert metric_sum(m, "edge_batch_size_count") >= 1
     assert 'edge_stage_latency_ms_count{stage="infer"}' in m
     assert m["edge_workers_healthy"] == 1
     assert proc.terminate(timeout_s=30) == 0
 
 
-def test_worker_killed_is_restarted_and_frames_accounted(daemon):
+def test_worker_killed_is_restarted_and_frames_accounted(multi_daemon):
     import os
     import re
     import signal
 
-    proc, data = daemon
+    proc, data = multi_daemon
     ep = data["endpoints"]
     rng = np.random.default_rng(2)
     pid = int(re.search(r"event=child.started role=worker index=0 gen=1 pid=(\d+)", proc.logs()).group(1))

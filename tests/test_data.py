@@ -48,6 +48,39 @@ def test_split_is_seeded_and_disjoint():
     assert split_good(20, 0.25, seed=4)[1].tolist() != a_val.tolist()
 
 
+def _digests(images) -> list[bytes]:
+    import hashlib
+
+    return [hashlib.sha256(np.ascontiguousarray(im).tobytes()).digest() for im in images]
+
+
+def test_calibration_images_are_whole_images_disjoint_from_training(tmp_path, mvtec_root):
+    """Out-of-sample calibration: validation images are whole images the training split does not hold
+    (folder, MVTec, ELPV), and small folders still give the two good scores a threshold needs."""
+    for i in range(12):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((16, 16), 7 * i, np.uint8))
+    folder = load_folder(tmp_path, val_fraction=0.1)
+    assert len(folder.val) == 2 and len(folder.train) == 10
+    mvtec = load_mvtec(mvtec_root, "weave", val_fraction=0.2, seed=0)
+    for splits in (folder, mvtec):
+        train, val = set(_digests(splits.train)), set(_digests(splits.val))
+        assert not train & val and len(train) == len(splits.train)
+        if splits.test is not None:
+            assert not set(_digests(splits.test.images)) & (train | val)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("elpv_dataset"), reason="needs elpv-dataset")
+def test_elpv_splits_are_disjoint_cells():
+    from trainer.data.elpv import elpv_labels
+
+    splits = load_elpv("mono", seed=0, limit=120)
+    names = set(splits.test.names)
+    train, val = set(_digests(splits.train)), set(_digests(splits.val))
+    assert not train & val and not (train | val) & set(_digests(splits.test.images))
+    assert len(names) == len(splits.test.names)  # every test cell once
+    assert len(elpv_labels()[0]) == 2624
+
+
 def test_folder_and_channels(tmp_path):
     for i in range(4):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((20, 24), 10 * i, np.uint8))

@@ -1,5 +1,5 @@
 """edge-inspect demo: module frames and their ground truth, the summary, the cache key, and the real path end
-to end in --quick mode (a few training steps, export, daemon subprocess, camera process, summary, report)."""
+to end in --quick mode (a small memory bank, export, daemon subprocess, camera process, summary, report)."""
 
 from __future__ import annotations
 
@@ -100,9 +100,12 @@ def test_pick_frames_shows_each_kind_first():
 
 def test_cache_key_follows_training_settings():
     assert TrainSettings().key() == TrainSettings().key()
-    assert TrainSettings(steps=10).key() != TrainSettings().key()
-    with pytest.raises(ValueError, match="steps"):
-        TrainSettings(steps=0)
+    assert TrainSettings(bank_fraction=0.05).key() != TrainSettings().key()
+    with pytest.raises(ValueError, match="bank_fraction"):
+        TrainSettings(bank_fraction=0)
+    # a module of 12 independent cells at the per-cell rate is rejected at the module rate
+    s = TrainSettings(module_frr=0.05)
+    assert 1 - (1 - s.cell_frr) ** 12 == pytest.approx(0.05)
 
 
 def test_cached_model_rejects_incomplete_dirs(tmp_path):
@@ -113,9 +116,9 @@ def test_cached_model_rejects_incomplete_dirs(tmp_path):
 
 def test_cli_options_map_to_settings(tmp_path):
     args = build_parser().parse_args(["demo", "--quick", "--workdir", str(tmp_path), "--frames", "6",
-                                      "--fps", "2.5", "--steps", "5", "--keep-going"])
+                                      "--fps", "2.5", "--bank-fraction", "0.05", "--keep-going"])
     s = settings_from_args(args)
-    assert s.train == replace(QUICK, steps=5) and s.frames == 6 and s.fps == 2.5 and s.keep_going
+    assert s.train == replace(QUICK, bank_fraction=0.05) and s.frames == 6 and s.fps == 2.5 and s.keep_going
     full = settings_from_args(build_parser().parse_args(["demo", "--workdir", str(tmp_path)]))
     assert full.train == TrainSettings() and full.frames == 24
 
@@ -137,7 +140,11 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
                for o in result["outcomes"] if o.kind == "verdict")
     for key in ("png", "html", "json"):
         assert result["paths"][key].stat().st_size > 200
-    assert "heat maps" in result["paths"]["html"].read_text()
+    page = result["paths"]["html"].read_text()
+    assert page.count("<figure class='card ") == len(result["outcomes"]) == settings.frames  # every frame
+    assert page.count("alt='fused heat map") == s["answered"]  # a heat map with colour bar per verdict
+    assert (tmp_path / "bundle" / "bundle.json").is_file() and (tmp_path / "latest" / "report.html").is_file()
+    assert not result["interrupted"]
     assert any("detection rate" in line for line in lines)
     assert any(line.startswith("daemon: stopped (exit code 0)") for line in lines)
 
@@ -146,4 +153,4 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo_mod, "train_demo_model", no_training)
     model = demo_mod.get_model(settings, None, lines.append)
-    assert model.bundle == tmp_path / settings.train.key() / "bundle"
+    assert model.bundle == tmp_path / "models" / settings.train.key() / "bundle"

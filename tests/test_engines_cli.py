@@ -27,8 +27,9 @@ def test_check_rejects_a_corrupt_bundle(tiny_bundle, tmp_path, capsys):
     shutil.copytree(tiny_bundle, copy)
     with open(copy / "model.onnx", "ab") as fh:
         fh.write(b"x")
-    assert cli.main(["check", "--bundle", str(copy)]) == 1
-    assert "sha256" in capsys.readouterr().err
+    assert cli.main(["check", "--bundle", str(copy)]) == 2  # bad input: the same code as edge-daemon's
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256" in err[0] and "fix:" in err[0], err
 
 
 def test_build_without_tensorrt_exits_2_with_reason(tiny_bundle, tmp_path, capsys):
@@ -44,10 +45,65 @@ def test_bench_engine_prints_and_writes_figures(tiny_bundle, tmp_path, capsys):
                          "--seconds", "0.05", "--min-iters", "2", "--threads", "1", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
+    assert text.startswith("cpu: ") and "ISA: " in text.splitlines()[0]
     assert "tiles/s" in text and "vs eager" in text
     report = json.loads(out.read_text())
-    assert report["engine"] == "onnxruntime/cpu/fp32"
-    assert [r["batch"] for r in report["results"]] == [1, 2]
-    for row in report["results"]:
+    assert report["cpu"]["model"] and isinstance(report["cpu"]["isa"], list) and report["threads"] == 1
+    (engine,) = report["engines"]
+    assert engine["engine"] == "onnxruntime/cpu/fp32"
+    assert [r["batch"] for r in engine["results"]] == [1, 2]
+    for row in engine["results"]:
         assert row["batches"] >= 2 and row["tiles_per_s"] > 0 and row["ms_p99"] >= row["ms_p50"] > 0
         assert row["eager"]["tiles_per_s"] > 0 and row["speedup"] > 0
+
+
+def test_bench_engine_compares_every_cpu_engine_in_one_run(tiny_bundle_int8, tmp_path, capsys):
+    from edge_daemon.bench.engine import CPU_ENGINES
+    from engines.cpuinfo import bf16_isa, read_cpuinfo
+
+    out = tmp_path / "bench.json"
+    rc = bench_cli.main(["engine", "--bundle", str(tiny_bundle_int8), "--engines", "cpu", "--batch", "1,2",
+                         "--seconds", "0.05", "--min-iters", "2", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    specs = [e["spec"] for e in report["engines"]]
+    assert specs == CPU_ENGINES.split(",")
+    ran = {e["engine"]: e for e in report["engines"] if "results" in e}
+    must_run = {"onnxruntime/cpu/fp32", "onnxruntime/cpu/int8", "openvino/cpu/fp32", "openvino/cpu/int8"}
+    assert must_run <= set(ran)
+    assert ran["openvino/cpu/int8"]["runtime"]["layers"].get("u8", 0) >= 1
+    for engine in ran.values():
+        assert all(row["speedup"] > 0 for row in engine["results"])
+    bf16 = next(e for e in report["engines"] if e["spec"] == "openvino:bf16")
+    if bf16_isa(read_cpuinfo().flags) is None:
+        assert "AVX512-BF16" in bf16["unavailable"] and "openvino:bf16" in text and "unavailable" in text
+    else:
+        assert bf16["engine"] == "openvino/cpu/bf16"
+    assert "x eager fp32" in text  # the closing summary table
+
+
+def test_bench_engine_int8_on_a_bundle_without_it_says_why(tiny_bundle, capsys):
+    rc = bench_cli.main(["engine", "--bundle", str(tiny_bundle), "--engines", "openvino:int8",
+                         "--batch", "1", "--seconds", "0.05", "--min-iters", "1", "--threads", "1"])
+    assert rc == 1  # nothing ran
+    assert "carries no int8 model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, [("onnxruntime", "fp32", None)]),
+    ("openvino:int8:throughput,torch", [("openvino", "int8", "throughput"), ("torch", None, None)]),
+    ("cpu", [("onnxruntime", "fp32", None), ("onnxruntime", "int8", None), ("openvino", "fp32", None),
+             ("openvino", "bf16", None), ("openvino", "int8", None)]),
+])
+def test_parse_engines(text, expected):
+    from edge_daemon.bench.engine import parse_engines
+
+    assert parse_engines(text, "onnxruntime", "fp32") == expected
+
+
+def test_parse_engines_rejects_garbage():
+    from edge_daemon.bench.engine import parse_engines
+
+    with pytest.raises(ValueError, match="backend\\[:precision"):
+        parse_engines("a:b:c:d", "auto", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 
@@ -20,16 +21,32 @@ from engines import (
 )
 from engines.base import batch_buckets, bucket_for
 from engines.bundle import read_bundle
+from engines.cpuinfo import bf16_isa, read_cpuinfo
 from engines.graph import DeployModel
 from tests.conftest import TinyCore
 
 MAX_BATCH = 4
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+TRT = pytest.mark.skipif(registry.tensorrt_missing_reason() is not None,
+                         reason=f"TensorRT unusable here: {registry.tensorrt_missing_reason()}")
+OPENVINO = pytest.mark.skipif(not registry.openvino_available(), reason="openvino is not installed")
+BF16 = pytest.mark.skipif(bf16_isa(read_cpuinfo().flags) is None,
+                          reason=f"needs AMX-BF16 or AVX512-BF16; this CPU: {read_cpuinfo().summary()}")
 CASES = [
     pytest.param(("onnxruntime", "cpu", None), id="onnxruntime-cpu"),
+    pytest.param(("onnxruntime", "cpu", "int8"), id="onnxruntime-int8"),
+    pytest.param(("openvino", "cpu", None), id="openvino-cpu", marks=OPENVINO),
+    pytest.param(("openvino", "cpu", "bf16"), id="openvino-bf16", marks=[OPENVINO, BF16]),
+    pytest.param(("openvino", "cpu", "int8"), id="openvino-int8", marks=OPENVINO),
     pytest.param(("torch", "cpu", None), id="torch-cpu"),
-    pytest.param(("torch", "cuda", "fp32"), id="torch-cuda-fp32", marks=CUDA),
-    pytest.param(("torch", "cuda", "fp16"), id="torch-cuda-fp16", marks=CUDA),
+    # the CUDA code paths with the CUDA calls faked and tensors on the CPU (tests/cuda_fakes.py)
+    pytest.param(("torch", "fake-cuda", "fp32"), id="torch-fakecuda-fp32"),
+    pytest.param(("torch", "fake-cuda", "fp16"), id="torch-fakecuda-fp16"),
+    pytest.param(("tensorrt", "fake-cuda", "fp16"), id="tensorrt-fake-fp16"),
+    pytest.param(("torch", "cuda", "fp32"), id="torch-cuda-fp32", marks=[CUDA, pytest.mark.gpu_only]),
+    pytest.param(("torch", "cuda", "fp16"), id="torch-cuda-fp16", marks=[CUDA, pytest.mark.gpu_only]),
+    pytest.param(("tensorrt", "cuda", "fp32"), id="tensorrt-fp32", marks=[TRT, pytest.mark.gpu_only]),
+    pytest.param(("tensorrt", "cuda", "fp16"), id="tensorrt-fp16", marks=[TRT, pytest.mark.gpu_only]),
 ]
 
 
@@ -37,15 +54,64 @@ def _tiles(batch, shape=(32, 32, 1), seed=0):
     return np.random.default_rng(seed).integers(0, 256, (batch, *shape), dtype=np.uint8)
 
 
-def _tolerance(engine):
+def _textures(batch, seed=5):
+    from trainer.data.synthetic import textured_image
+
+    rng = np.random.default_rng(seed)
+    return np.stack([textured_image(32, rng, channels=1) for _ in range(batch)])
+
+
+def _tolerance(engine, span: float = 1.0):
+    """Against the FP32 reference graph; reduced precisions relative to the map's value range ``span``."""
+    if engine.precision == "int8":
+        return dict(rtol=0, atol=0.05 * span)  # 8-bit activations, 7-bit weights
+    if engine.precision == "bf16":
+        return dict(rtol=2e-2, atol=1e-2 * span)  # 8-bit mantissa
     return dict(rtol=1e-2, atol=2e-3) if engine.precision == "fp16" else dict(rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def trt_cache(tmp_path_factory):
+    """One TensorRT cache folder for the module: engines are built once and then come from the cache."""
+    return tmp_path_factory.mktemp("trt-cache")
+
+
+def _fake_cuda_engine(request, bundle, backend, precision, cache):
+    from engines.bundle import read_bundle
+    from tests.cuda_fakes import FakeCudaOps
+
+    meta = read_bundle(bundle)
+    if backend == "torch":
+        from engines.torch_ import TorchEngine
+
+        return TorchEngine(bundle / meta.files["torch"]["path"], meta, device="cuda:0", precision=precision,
+                           streams=2, max_batch=MAX_BATCH, cuda_graphs=False, ops=FakeCudaOps())
+    from engines import build
+    from engines.build import BuildTarget
+    from engines.tensorrt_ import TensorRTEngine
+    from tests.cuda_fakes import FakeTensorRT
+
+    trt, monkeypatch = FakeTensorRT(), request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(build, "import_tensorrt", lambda: trt)
+    target = BuildTarget("FakeGPU", (9, 0), trt.__version__)
+    monkeypatch.setattr(build, "current_target", lambda device: target)
+    monkeypatch.setattr(build, "_device_context", trt.device_context)
+    path = build.build_engine(bundle, precision=precision, streams=2, max_batch=MAX_BATCH, cache_dir=cache)
+    return TensorRTEngine(path, meta, precision=precision, streams=2, max_batch=MAX_BATCH, ops=FakeCudaOps(),
+                          trt=trt)
+
+
 @pytest.fixture(params=CASES)
-def engine(request, tiny_bundle):
+def engine(request, tiny_bundle, trt_cache):
     backend, device, precision = request.param
-    eng = open_engine(tiny_bundle, backend=backend, device=device, precision=precision, streams=2,
-                      max_batch=MAX_BATCH, threads=1)
+    if device == "fake-cuda":
+        eng = _fake_cuda_engine(request, tiny_bundle, backend, precision, trt_cache / "fake")
+    else:
+        bundle = request.getfixturevalue("tiny_bundle_int8") if precision == "int8" else tiny_bundle
+        eng = open_engine(bundle, backend=backend, device=device, precision=precision, streams=2,
+                          max_batch=MAX_BATCH, threads=1, cache_dir=trt_cache)
+        if device in (None, "cpu"):
+            assert eng.precision == (precision or "fp32")
     yield eng
     eng.close()
 
@@ -72,8 +138,11 @@ def test_protocol_and_shapes(engine):
 
 
 def test_matches_reference_graph(engine, reference):
-    tiles = _tiles(3)
-    np.testing.assert_allclose(engine.infer(tiles), reference(tiles), **_tolerance(engine))
+    # INT8 activation ranges come from calibration on textures (tiny_bundle_int8): compare on such tiles,
+    # uniform noise lies outside them and is clipped
+    tiles = _textures(3) if engine.precision == "int8" else _tiles(3)
+    want = reference(tiles)
+    np.testing.assert_allclose(engine.infer(tiles), want, **_tolerance(engine, float(np.ptp(want))))
 
 
 def test_each_call_returns_a_new_array(engine):
@@ -108,6 +177,35 @@ def test_submit_copies_the_callers_tiles(engine):
     np.testing.assert_allclose(handle.result(), expected, rtol=1e-6, atol=1e-7)
 
 
+def _torch_tiles(engine, tiles):
+    """torch tiles where the engine wants them: its CUDA device, or the CPU for CPU and faked-CUDA engines."""
+    device = engine.device if torch.cuda.is_available() and str(engine.device).startswith("cuda") else "cpu"
+    return torch.from_numpy(tiles).to(device)
+
+
+def test_submit_torch_temporaries_dropped_at_once(engine):
+    if engine.backend in ("onnxruntime", "openvino"):
+        pytest.skip(f"the {engine.backend} backend takes NumPy tiles only (engines/base.py)")
+    batches = [_tiles(b, seed=20 + b) for b in (4, 1, 3, 4)]
+    expected = [engine.infer(t) for t in batches]
+    handles = []
+    for i, tiles in enumerate(batches):  # each a torch.cat temporary the caller drops at once, as the batcher
+        handles.append(engine.submit(torch.cat([_torch_tiles(engine, t) for t in np.split(tiles, [1])]),
+                                     slot=i % engine.streams))
+    gc.collect()
+    for handle, want in zip(handles, expected, strict=True):
+        out = handle.result()
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_second_slot_values_not_just_shapes(engine):
+    a, b = _tiles(3, seed=30), _tiles(4, seed=31)
+    handles = [engine.submit(a, slot=0), engine.submit(b, slot=1)]  # two contexts/streams, two batch sizes
+    np.testing.assert_allclose(handles[1].result(), engine.infer(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(handles[0].result(), engine.infer(a), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad, reason", [
     (np.zeros((2, 32, 32, 1), np.float32), "uint8"),
     (np.zeros((2, 32, 31, 1), np.uint8), "B x 32 x 32 x 1"),
@@ -134,8 +232,9 @@ def test_warmup_then_close(engine):
     assert engine.infer(_tiles(1)).shape == (1, 1, 8, 8)
     engine.close()
     engine.close()  # idempotent
-    with pytest.raises(EngineError, match="closed"):
-        engine.infer(_tiles(1))
+    for call in (lambda: engine.infer(_tiles(1)), lambda: engine.submit(_tiles(1), 0), engine.warmup):
+        with pytest.raises(EngineError, match="closed"):
+            call()
 
 
 def test_onnxruntime_and_torch_agree_tightly(tiny_bundle):
@@ -182,8 +281,8 @@ def test_missing_and_corrupt_bundle(tiny_bundle, tmp_path):
 
 
 def test_unknown_backend(tiny_bundle):
-    with pytest.raises(BackendUnavailable, match="unknown backend 'openvino'"):
-        open_engine(tiny_bundle, backend="openvino")
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tflite'"):
+        open_engine(tiny_bundle, backend="tflite")
 
 
 @pytest.mark.skipif(registry.tensorrt_missing_reason() is None, reason="TensorRT is usable here")
@@ -194,7 +293,9 @@ def test_tensorrt_unavailable_names_the_reason(tiny_bundle):
 
 @pytest.mark.parametrize("backend, device, precision, reason", [
     ("torch", "cpu", "fp16", "not available on cpu"),
-    ("onnxruntime", None, "fp16", "fp32 only"),
+    ("onnxruntime", None, "fp16", "runs fp32, int8"),
+    ("onnxruntime", None, "bf16", "runs fp32, int8"),
+    ("onnxruntime", None, "int8", "carries no int8 model"),
     ("onnxruntime", "cuda", None, "cpu only"),
     ("torch", "tpu", None, "unknown device"),
 ])
@@ -214,13 +315,14 @@ def test_unknown_backend_option(tiny_bundle):
         open_engine(tiny_bundle, backend="onnxruntime", cuda_graphs=False)
 
 
-@pytest.mark.parametrize("cuda, trt_missing, expected", [
-    (True, None, "tensorrt"),
-    (True, "no tensorrt package", "torch"),
-    (False, "no CUDA device", "onnxruntime"),
+@pytest.mark.parametrize("cuda, trt_missing, openvino, expected", [
+    (True, None, True, "tensorrt"),
+    (True, "no tensorrt package", True, "torch"),
+    (False, "no CUDA device", True, "openvino"),
+    (False, "no CUDA device", False, "onnxruntime"),
 ])
-def test_choose_backend(cuda, trt_missing, expected):
-    backend, why = registry.choose_backend(cuda, trt_missing)
+def test_choose_backend(cuda, trt_missing, openvino, expected):
+    backend, why = registry.choose_backend(cuda, trt_missing, openvino)
     assert backend == expected and why
     if trt_missing and cuda:
         assert trt_missing in why
@@ -229,6 +331,7 @@ def test_choose_backend(cuda, trt_missing, expected):
 def test_auto_on_cpu_opens_onnxruntime_and_logs(tiny_bundle, monkeypatch, caplog):
     monkeypatch.setattr(registry, "cuda_available", lambda: False)
     monkeypatch.setattr(registry, "tensorrt_missing_reason", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(registry, "openvino_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="engines.registry"):
         eng = open_engine(tiny_bundle)
     eng.close()

@@ -12,11 +12,11 @@ import torch
 from conftest import TinyCore
 
 from edge_daemon.bench.pipeline import DoneHandle, StandInEngine
-from edge_daemon.fusion import fuse, fuse_torch, fusion_layout, ramp_window, upsample_map
-from edge_daemon.pipeline import InspectConfig, inspect_frame
-from edge_daemon.tiling import tile_grid
 from engines.bundle import read_bundle
 from engines.graph import DeployModel
+from inspection.fusion import fuse, fuse_torch, fusion_layout, ramp_window, upsample_map
+from inspection.pipeline import InspectConfig, inspect_frame
+from inspection.tiling import tile_grid
 
 
 class OrtAdapter:

@@ -66,3 +66,16 @@ def test_http_scrape():
         assert scrape(server.port, "/nope")[0] == 404
     finally:
         server.stop()
+
+
+def test_declared_counters_render_at_zero_and_sum_with_events():
+    m = Metrics()
+    m.declare("edge_protocol_errors_total", [{"reason": "parts"}, {"reason": "header"}])
+    m.declare("edge_protocol_errors_total", [{"reason": "parts"}])  # declaring again changes nothing
+    m.inc("edge_protocol_errors_total", {"reason": "parts"})
+    values = parse_metrics(render(m))
+    assert values['edge_protocol_errors_total{reason="parts"}'] == 1
+    assert values['edge_protocol_errors_total{reason="header"}'] == 0
+    agg = Aggregator()
+    agg.local.declare("edge_worker_restarts_total", [{"worker": "0"}])
+    assert parse_metrics(render(agg.totals()))['edge_worker_restarts_total{worker="0"}'] == 0

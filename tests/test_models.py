@@ -16,7 +16,12 @@ VARIANTS = [(kind, size) for kind in MODEL_KINDS for size in MODEL_SIZES[kind]]
 def build(kind: str, size: str, hw: tuple[int, int], seed: int = 0):
     torch.manual_seed(seed)
     options = {"tile": hw} if kind == "efficientad" else {"latent": 8} if kind == "dfr" else {}
-    return create_model(kind, size, **options)
+    if kind == "patchcore":
+        options = {"min_bank": 32, "seed": seed}
+    model = create_model(kind, size, **options)
+    if kind == "patchcore":  # the bank is the model: fit one on a random batch
+        model.fit_bank([torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))])
+    return model
 
 
 def shape_cases():
@@ -36,7 +41,7 @@ def test_raw_maps_shape_no_nans_and_backward(kind, size, hw):
     assert len(model.map_weights) == model.num_maps
     assert len(model.input_mean) == 3 and len(model.input_std) == 3
     assert torch.isfinite(maps).all()
-    if kind == "saliency":  # zero-shot: nothing to train
+    if kind in ("saliency", "patchcore"):  # zero-shot / memory bank: nothing to train by gradient
         assert not any(p.requires_grad for p in model.parameters())
         return
     maps.mean().backward()
@@ -55,7 +60,7 @@ def test_full_size_forward(kind):
 
 def test_unknown_kind_or_size_names_the_valid_ones():
     with pytest.raises(ValueError, match="efficientad"):
-        create_model("patchcore")
+        create_model("padim")
     with pytest.raises(ValueError, match=r"\['m', 's'\]"):
         create_model("efficientad", "xl")
     with pytest.raises(ValueError, match=r"\['s'\]"):

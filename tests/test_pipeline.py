@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edge_daemon.bench.pipeline import StandInEngine
-from edge_daemon.pipeline import (
+from inspection.pipeline import (
     InspectConfig,
     finish_frame,
     infer_all,
@@ -17,7 +17,7 @@ from edge_daemon.pipeline import (
     model_geometry,
     prepare_frame,
 )
-from edge_daemon.tiling import tile_grid
+from inspection.tiling import tile_grid
 
 
 def _defect_frame(height=200, width=260, dtype=np.uint8) -> np.ndarray:

@@ -11,7 +11,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_daemon.ingest import parse_imagezmq, parse_protocol
+from edge_daemon.frames import parse_imagezmq, parse_protocol
 from edge_daemon.protocol import (
     MAX_HEADER_BYTES,
     ProtocolError,
@@ -54,28 +54,46 @@ def test_round_trip():
 
 
 @pytest.mark.parametrize(
-    "header, reason",
+    "header, reason, code",
     [
-        (_good(v=2), "unsupported protocol version"),
-        (_good(frame_id=...), "misses field(s) frame_id"),
-        (_good(frame_id="3"), "'frame_id' must be an integer"),
-        (_good(frame_id=True), "'frame_id' must be an integer"),
-        (_good(frame_id=-1), "frame_id must be in"),
-        (_good(camera_id=""), "camera_id must be"),
-        (_good(camera_id="x" * 65), "camera_id must be"),
-        (_good(camera_id="a/b"), "camera_id must be"),
-        (_good(encoding="yuv422"), "unknown encoding"),
-        (_good(extra=1), "unexpected header field(s) extra"),
-        (_good(width=0), "'width' must be > 0"),
-        (_good(height=...), "needs field(s) height"),
-        (_good(channels=3), "mono8 has 1 channel(s)"),
-        (_good(encoding="jpeg"), "unexpected header field(s)"),
+        (_good(v=2), "unsupported protocol version", "version"),
+        (_good(frame_id=...), "misses field(s) frame_id", "field"),
+        (_good(camera_id=...), "misses field(s) camera_id", "camera_id"),
+        (_good(frame_id="3"), "'frame_id' must be an integer", "field"),
+        (_good(frame_id=True), "'frame_id' must be an integer", "field"),
+        (_good(frame_id=-1), "frame_id must be in", "field"),
+        (_good(timestamp_ns=-1), "timestamp_ns must be in [0, 2^63)", "field"),
+        (_good(timestamp_ns=2**63), "timestamp_ns must be in [0, 2^63)", "field"),
+        (_good(camera_id=""), "camera_id must be", "camera_id"),
+        (_good(camera_id="x" * 65), "camera_id must be", "camera_id"),
+        (_good(camera_id="a/b"), "camera_id must be", "camera_id"),
+        (_good(camera_id="a b"), "camera_id must be", "camera_id"),
+        (_good(camera_id="cam\r"), "camera_id must be", "camera_id"),
+        (_good(camera_id="_other"), "camera_id must be", "camera_id"),
+        (_good(camera_id="unknown"), "'unknown' is reserved", "camera_id"),
+        (_good(camera_id=7), "'camera_id' must be a string", "camera_id"),
+        (_good(encoding="yuv422"), "unknown encoding", "encoding"),
+        (_good(extra=1), "unexpected header field(s) extra", "field"),
+        (_good(width=0), "'width' must be > 0", "field"),
+        (_good(height=...), "needs field(s) height", "field"),
+        (_good(channels=3), "mono8 has 1 channel(s)", "field"),
+        (_good(encoding="jpeg"), "unexpected header field(s)", "field"),
     ],
 )
-def test_bad_headers(header, reason):
+def test_bad_headers(header, reason, code):
     with pytest.raises(ProtocolError) as info:
         decode_header(msgpack.packb(header))
-    assert reason in info.value.reason
+    assert reason in info.value.reason and info.value.code == code
+    valid_cam = header.get("camera_id") in ("cam1",)
+    assert info.value.camera_id == ("cam1" if valid_cam else "unknown")
+    if isinstance(header.get("frame_id"), int) and not isinstance(header["frame_id"], bool):
+        assert info.value.frame_id == (header["frame_id"] if header["frame_id"] >= 0 else None)
+
+
+def test_camera_ids_at_the_limits():
+    assert decode_header(encode_header("a" * 64, 1, 0, "jpeg")).camera_id == "a" * 64
+    assert decode_header(encode_header("Cam-1.left_2", 1, 0, "jpeg")).camera_id == "Cam-1.left_2"
+    assert decode_header(encode_header("c", 2**63 - 1, 2**63 - 1, "jpeg")).frame_id == 2**63 - 1
 
 
 def test_camera_known_when_readable():
@@ -164,7 +182,7 @@ def test_parse_imagezmq_messages():
         parse_imagezmq(_frames(md, bytes(3)), 1, 10**6, lambda cam: 0)
     with pytest.raises(ProtocolError, match="not JSON"):
         parse_imagezmq(_frames(b"\x00{", b"x"), 1, 10**6, lambda cam: 0)
-    with pytest.raises(ProtocolError, match="unsupported array"):
+    with pytest.raises(ProtocolError, match="unsupported dtype"):
         parse_imagezmq(
             _frames(b'{"msg": "c", "dtype": "float64", "shape": [2, 2]}', bytes(32)), 1, 10**6, lambda cam: 0
         )

@@ -1,6 +1,7 @@
 """Faults: a killed worker, cameras and subscribers that go and come back, a slow subscriber, overload with
-both drop policies, SIGTERM under load, SIGKILL of the supervisor, a dead publisher. The real daemon runs as a
-subprocess on loopback (tiny bundle, ONNX Runtime); every loop is bounded in count and time.
+both drop policies, SIGTERM under load, SIGKILL of the supervisor, a dead publisher; the single-process
+mode's own faults (its process killed). The real daemon runs as a subprocess on loopback (tiny bundle,
+ONNX Runtime); tests that apply to both process modes run in both; every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def test_worker_kill9_mid_stream(tmp_path, tiny_bundle):
 # ---- cameras and subscribers that go and come back; a slow subscriber -----------------------------------
 
 
-def test_camera_and_subscriber_reconnect_and_slow_subscriber(tmp_path, tiny_bundle):
-    proc, data = _start(tmp_path, tiny_bundle, map_downscale=0, endpoints_extra={"output_hwm": 300})
+@pytest.mark.parametrize("mode", ["multi", "single"])
+def test_camera_and_subscriber_reconnect_and_slow_subscriber(tmp_path, tiny_bundle, mode):
+    proc, data = _start(
+        tmp_path, tiny_bundle, map_downscale=0, endpoints_extra={"output_hwm": 300}, process_mode=mode
+    )
     ep = data["endpoints"]
     frame = np.zeros((32, 32), np.uint8)
     try:
@@ -189,12 +193,14 @@ def _tree_rss(proc: DaemonProcess) -> int:
     return sum(rss_bytes(p) for p in pids)
 
 
-def test_overload_drop_oldest_bounded_then_sigterm_under_load(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("mode", ["multi", "single"])
+def test_overload_drop_oldest_bounded_then_sigterm_under_load(tmp_path, tiny_bundle, mode):
     proc, data = _start(
         tmp_path,
         tiny_bundle,
         map_downscale=0,
         queue={"slots": 12, "size": 4, "worker_credit": 2, "drop_policy": "drop-oldest"},
+        process_mode=mode,
     )
     ep = data["endpoints"]
     rng = np.random.default_rng(3)
@@ -369,6 +375,43 @@ def test_supervisor_sigkill_then_restart_cleans_and_dead_publisher_is_fatal(tmp_
         assert "event=child.fatal" in second.logs() and "role=publisher" in second.logs()
         wait_until(lambda: all(_gone(p) for p in kids.values()), 20.0, 0.1, "children exit")
         assert not _segments(data["instance"])
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+# ---- single-process mode: the one process killed, the supervisor killed ------------------------------
+
+
+def test_single_process_killed_is_fatal_and_supervisor_sigkill_leaves_nothing(tmp_path, tiny_bundle):
+    """process_mode single: a kill -9 of its one process is fatal like a dead ingest or publisher (exit 1,
+    systemd restarts the unit; the frames it held get no record: docs/reliability.md); a SIGKILL of the
+    supervisor takes the process with it, and no shared memory is ever created."""
+    path, data = daemon_config(tmp_path, tiny_bundle, map_downscale=0, process_mode="single")
+    port = data["endpoints"]["metrics_port"]
+    first = DaemonProcess(path, tmp_path / "first.log", instance=data["instance"])
+    second = None
+    try:
+        first.wait_ready(port, timeout_s=60)
+        children = child_pids(first.logs())
+        assert list(children) == [("single", 0, 1)]
+        assert not _segments(data["instance"])
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        wait_until(lambda: all(_gone(p) for p in children.values()), 20.0, 0.1, "exit by PDEATHSIG")
+
+        second = DaemonProcess(path, tmp_path / "second.log", instance=data["instance"])
+        second.wait_ready(port, timeout_s=60)  # the lock was released with the dead supervisor
+        ep = data["endpoints"]
+        with VerdictSubscriber(ep["output"], ["cam1"]) as sub, FramePublisher(ep["ingest"], "cam1") as cam:
+            got, _ = handshake(cam, sub, np.zeros((32, 32), np.uint8))
+            assert got[0].kind == "verdict"
+        kids = child_pids(second.logs())
+        os.kill(kids[("single", 0, 1)], signal.SIGKILL)
+        assert second.proc.wait(timeout=30) == 1
+        assert "event=child.fatal" in second.logs() and "role=single" in second.logs()
+        assert "role=single index=0 gen=2" not in second.logs()  # never restarted in place
     finally:
         first.stop()
         if second is not None:

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from edge_daemon.cli import main as daemon_cli
 from edge_daemon.client import FramePublisher, VerdictSubscriber
 from edge_daemon.config import ConfigError, DaemonConfig, config_from_mapping
-from edge_daemon.ingest import Ingest, encoded_size
+from edge_daemon.frames import encoded_size
+from edge_daemon.ingest import Ingest
 from edge_daemon.protocol import RAW_ENCODINGS, pack
 from edge_daemon.shm import SlotRing
 from edge_daemon.transport import free_tcp_port, ipc_endpoint
@@ -253,10 +254,10 @@ def test_compressed_bombs_are_refused_before_decoding(ingest_env):
 # ---- the real daemon: one subprocess for the module -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_bundle):
+@pytest.fixture(scope="module", params=["multi", "single"])
+def daemon(request, tmp_path_factory, tiny_bundle):
     tmp = tmp_path_factory.mktemp("fuzzd")
-    path, data = daemon_config(tmp, tiny_bundle, map_downscale=0)
+    path, data = daemon_config(tmp, tiny_bundle, map_downscale=0, process_mode=request.param)
     proc = DaemonProcess(path, tmp / "daemon.log", instance=data["instance"])
     ep = data["endpoints"]
     try:
@@ -421,7 +422,8 @@ def test_check_config_names_the_problem(tmp_path, tiny_bundle, capsys, mutate, k
     mutate(data)
     assert daemon_cli(["check-config", _write(tmp_path, data)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("config error:") and key in err, err
+    assert err.startswith("edge-daemon check-config: error:") and key in err, err
+    assert len(err.strip().splitlines()) == 1 and "fix:" in err, err
 
 
 def test_invalid_yaml_and_tampered_bundle(tmp_path, tiny_bundle, capsys):
@@ -436,13 +438,13 @@ def test_invalid_yaml_and_tampered_bundle(tmp_path, tiny_bundle, capsys):
     path = _write(tmp_path, _base(tampered))
     assert daemon_cli(["check-config", path]) == 2
     assert "sha256" in capsys.readouterr().err
-    # run: the supervisor refuses it too, exit 2 and a config_error line, no child started
+    # run: refused before anything starts, exit 2 and one error line, no child started
     proc = DaemonProcess(path, tmp_path / "run.log")
     try:
         assert proc.proc.wait(timeout=60) == 2
     finally:
         proc.stop()
-    assert "event=daemon.config_error" in proc.logs() and "sha256" in proc.logs()
+    assert "edge-daemon run: error: engine.bundle:" in proc.logs() and "sha256" in proc.logs()
     assert "child.started" not in proc.logs() and "Traceback" not in proc.logs()
 
 

@@ -46,9 +46,12 @@ def _client(certs: Path, name: str) -> CurveClientKeys:
     return CurveClientKeys(str(certs / f"{name}.key_secret"), str(certs / "server.key"))
 
 
-def test_curve_through_the_daemon(tmp_path, tiny_bundle, keys):
+@pytest.mark.parametrize("mode", ["multi", "single"])  # single: one ZAP authenticator for both sockets
+def test_curve_through_the_daemon(tmp_path, tiny_bundle, keys, mode):
     certs, allowed = keys
-    path, data = daemon_config(tmp_path, tiny_bundle, map_downscale=0, curve=_curve(certs, allowed))
+    path, data = daemon_config(
+        tmp_path, tiny_bundle, map_downscale=0, curve=_curve(certs, allowed), process_mode=mode
+    )
     ep = data["endpoints"]
     proc = DaemonProcess(path, tmp_path / "d.log", instance=data["instance"])
     good, bad = _client(certs, "good"), _client(certs, "bad")
@@ -83,6 +86,7 @@ def test_curve_through_the_daemon(tmp_path, tiny_bundle, keys):
 
         a = wait_until(counted, 10.0, 0.2, "received counts only the allowed camera")
         assert not [k for k in a["_raw"] if "intruder" in k]
+        assert a["_raw"]['edge_transport_events_total{event="handshake_failed",socket="frames"}'] >= 2
         assert proc.terminate(timeout_s=30) == 0
     finally:
         proc.stop()

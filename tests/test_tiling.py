@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_daemon.tiling import (
+from inspection.tiling import (
     align_roi,
     axis_starts,
     extract_tiles,

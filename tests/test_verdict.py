@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_daemon.verdict import decide, find_regions, image_score, smooth_map
+from inspection.verdict import decide, find_regions, image_score, smooth_map
 
 
 def _blobs() -> np.ndarray:
@@ -89,3 +89,44 @@ def test_decide_with_nothing_inspected():
     out = decide(_blobs(), np.zeros((20, 30), bool), stride=4, frame_hw=(80, 120), image_threshold=0.5,
                  pixel_threshold=0.5)
     assert out.verdict == "PASS" and "no inspected pixels" in out.reason and out.regions == []
+
+
+@pytest.mark.parametrize("case", ["camera threshold below region threshold", "peak smaller than min_area",
+                                  "topk score", "masked peak"])
+def test_every_fail_carries_the_peak_region(case):
+    """A FAIL with no region above the pixel threshold still says where: the region around its peak."""
+    m = np.zeros((16, 16), np.float32)
+    m[9, 5] = 0.5  # one map pixel: 16 frame pixels at stride 4
+    m[2, 2] = 0.9
+    kw = dict(stride=4, frame_hw=(64, 64), image_threshold=0.3, pixel_threshold=0.3, sigma=0.0, min_area=0)
+    mask = None
+    if case == "camera threshold below region threshold":
+        kw.update(pixel_threshold=2.0)
+    elif case == "peak smaller than min_area":
+        kw.update(min_area=64)
+    elif case == "topk score":
+        kw.update(score_mode="topk", topk=1, pixel_threshold=1.5)
+    else:
+        mask = np.ones((16, 16), bool)
+        mask[2, 2] = False  # the highest pixel is not inspected: the region is around the inspected peak
+        kw.update(pixel_threshold=1.0)
+    v = decide(m, mask, **kw)
+    assert v.verdict == "FAIL" and len(v.regions) >= 1, v
+    top = v.regions[0]
+    peak_yx = (9, 5) if mask is not None else (2, 2)
+    assert top.x <= peak_yx[1] * 4 < top.x + top.w and top.y <= peak_yx[0] * 4 < top.y + top.h
+    assert "1 region" in v.reason
+
+
+def test_fail_region_fuzz():
+    """Random maps and thresholds: every FAIL has >= 1 region, whatever the settings."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        m = rng.gamma(1.0, 0.05, size=(rng.integers(1, 20), rng.integers(1, 20))).astype(np.float32)
+        mask = rng.random(m.shape) > 0.3 if rng.random() < 0.5 else None
+        v = decide(m, mask, stride=4, frame_hw=(m.shape[0] * 4, m.shape[1] * 4),
+                   image_threshold=float(rng.uniform(0, 0.3)), pixel_threshold=float(rng.uniform(0, 1)),
+                   score_mode=str(rng.choice(["max", "topk"])), topk=int(rng.integers(1, 50)),
+                   sigma=float(rng.choice([0.0, 1.0])), min_area=int(rng.integers(0, 200)))
+        if v.verdict == "FAIL":
+            assert v.regions, v
